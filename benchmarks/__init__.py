@@ -1,0 +1,1 @@
+"""Benchmark suite: ``python -m benchmarks NAME [--quick] [--device cpu|cuda] [--json PATH]``."""

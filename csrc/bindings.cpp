@@ -1,0 +1,7 @@
+// rlhf_fast._C: the native CPU backend (and CUDA kernels where built with CUDA).
+#include "ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "rlhf_fast native kernels (C++/OpenMP CPU backend)";
+  register_gae(m);
+}

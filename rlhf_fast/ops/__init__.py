@@ -1,0 +1,2 @@
+"""Public functional ops. Each takes ``backend="auto" | "triton" | "native" | "torch"``."""
+from rlhf_fast.ops.gae import gae

@@ -1,0 +1,33 @@
+"""Builds rlhf_fast._C from csrc/: C++ (OpenMP) always, CUDA sources too when torch has CUDA and nvcc exists.
+
+Set RLHF_FAST_NO_NATIVE=1 to skip the extension (the package then falls back to the torch backend).
+"""
+import glob
+import os
+
+from setuptools import setup
+
+ext_modules, cmdclass = [], {}
+if os.environ.get("RLHF_FAST_NO_NATIVE") != "1":
+    import torch
+    from torch.utils import cpp_extension
+
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-march=x86-64-v2", "-ffp-contract=fast"]
+    if os.uname().machine != "x86_64":
+        cxx_flags.remove("-march=x86-64-v2")
+    sources = sorted(glob.glob("csrc/*.cpp"))
+    with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if with_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+        ext = cpp_extension.CUDAExtension(
+            "rlhf_fast._C", sources,
+            extra_compile_args={"cxx": cxx_flags + ["-DRLHF_FAST_WITH_CUDA"],
+                                "nvcc": ["-O3", "-std=c++17", "-DRLHF_FAST_WITH_CUDA"]},
+            extra_link_args=["-fopenmp"])
+    else:
+        ext = cpp_extension.CppExtension(
+            "rlhf_fast._C", sources, extra_compile_args=cxx_flags, extra_link_args=["-fopenmp"])
+    ext_modules = [ext]
+    cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=False)}
+
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
