@@ -8,6 +8,10 @@
 
 namespace {
 
+// Rows per task: at least ~64k tokens, below which waking the OpenMP pool costs more than it saves
+// (and on a loaded machine a descheduled worker stalls the whole call).
+constexpr int64_t kGrainTokens = 1 << 16;
+
 std::tuple<at::Tensor, at::Tensor> gae_forward(const at::Tensor& rewards, const at::Tensor& values,
                                                const at::Tensor& mask, double gamma, double lam) {
   TORCH_CHECK(rewards.dim() == 2, "rewards must be [B, T]");
@@ -23,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor> gae_forward(const at::Tensor& rewards, const 
   float* ap = adv.data_ptr<float>();
   float* tp = ret.data_ptr<float>();
   const float g = static_cast<float>(gamma), gl = static_cast<float>(gamma * lam);
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B, std::max<int64_t>(1, kGrainTokens / std::max<int64_t>(T, 1)), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t o = b * T;
       float next_value = 0.f, last = 0.f;

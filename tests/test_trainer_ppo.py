@@ -1,0 +1,133 @@
+"""PPOTrainer on tiny models with HF-generate rollouts: every estimator raises a simple reward; resume is exact;
+NaN stops the run and keeps the last good checkpoint; online reward-model mode; one run with vLLM rollouts."""
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from _trainer_common import one_thread, params_equal, sevens, strip_timings, tiny_policy, tokenizer  # noqa: F401
+from rlhf_fast.data import SortTask
+from rlhf_fast.models import RewardModel, save_model
+from rlhf_fast.rollout import HFEngine
+from rlhf_fast.trainer.base import NonFiniteLossError
+from rlhf_fast.trainer.checkpoint import list_checkpoints
+from rlhf_fast.trainer.config import PPOConfig
+from rlhf_fast.trainer.ppo import PPOTrainer
+
+PROMPTS = SortTask().prompts(128, seed=0)
+
+
+def make_trainer(out_dir, steps, tok=None, reward_fn=sevens, engine=None, **overrides):
+    tok = tok or tokenizer()
+    torch.manual_seed(0)
+    policy = tiny_policy(tok)
+    kw = dict(out_dir=str(out_dir), steps=steps, batch_size=8, samples_per_prompt=4, max_new_tokens=4, lr=3e-3,
+              critic_lr=3e-3, minibatch_size=16, ppo_epochs=2, kl_coef=0.01, progress=False)
+    kw.update(overrides)
+    engine = engine or HFEngine(policy, tok, max_model_len=24)
+    return PPOTrainer(PPOConfig(**kw), policy, tok, PROMPTS, engine, reward_fn=reward_fn, true_score_fn=sevens)
+
+
+@pytest.mark.parametrize("estimator, extra", [
+    ("gae", {}),
+    ("gae", {"critic": "head", "entropy_coef": 0.01, "grad_accum": 2}),
+    ("grpo", {}),
+    ("rloo", {}),
+    ("reinforce++", {"kl_target": 1.0, "kl_horizon": 100.0}),
+])
+def test_ppo_raises_a_simple_reward(tmp_path, estimator, extra):
+    recs = make_trainer(tmp_path, 8, estimator=estimator, **extra).train()
+    start = recs[0]["score"]
+    end = sum(r["score"] for r in recs[-2:]) / 2
+    assert start < 0.2 and end > start + 0.3, [round(r["score"], 3) for r in recs]
+    for key in ("kl", "kl_coef", "entropy", "policy_clipfrac", "mismatch_abs_diff_mean"):
+        assert key in recs[-1], key
+    assert ("value_loss" in recs[-1]) == (estimator == "gae")
+
+
+def test_ppo_ptx_and_fixed_kl_in_logs(tmp_path):
+    records = SortTask().sft_examples(32, seed=1)
+    with pytest.raises(ValueError, match="ptx_coef > 0 needs ptx_records"):
+        make_trainer(tmp_path, 2, ptx_coef=0.5)
+    tok = tokenizer()
+    torch.manual_seed(0)
+    policy = tiny_policy(tok)
+    t = PPOTrainer(PPOConfig(out_dir=str(tmp_path), steps=2, batch_size=8, samples_per_prompt=2, max_new_tokens=4,
+                             minibatch_size=8, ptx_coef=0.5, progress=False),
+                   policy, tok, PROMPTS, HFEngine(policy, tok, max_model_len=24), reward_fn=sevens,
+                   ptx_records=records)
+    out = t.train()
+    assert out[-1]["ptx_loss"] > 0 and out[0]["kl_coef"] == out[-1]["kl_coef"] == 0.05
+
+
+def test_ppo_resume_is_exact(tmp_path):
+    """4 iterations straight == 2 iterations, a new process-like restart (fresh objects), --resume to 4."""
+    kw = dict(estimator="gae", kl_target=0.5, kl_horizon=50.0, save_every=2)
+    straight = make_trainer(tmp_path / "a", 4, **kw)
+    full = straight.train()
+    make_trainer(tmp_path / "b", 2, **kw).train()
+    resumed = make_trainer(tmp_path / "b", 4, **kw)
+    recs = resumed.train(resume=True)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert strip_timings(recs) == strip_timings(full)          # identical metrics, bit for bit
+    assert params_equal(resumed.policy, straight.policy) and params_equal(resumed.critic, straight.critic)
+    assert resumed.kl_ctl.value == straight.kl_ctl.value
+
+
+def test_ppo_nan_reward_stops_and_keeps_last_good_checkpoint(tmp_path):
+    calls = []
+
+    def flaky(prompts, completions):
+        calls.append(1)
+        return [float("nan")] * len(completions) if len(calls) == 3 else sevens(prompts, completions)
+
+    trainer = make_trainer(tmp_path, 6, reward_fn=flaky, save_every=1)
+    with pytest.raises(NonFiniteLossError, match=r"step 3: \{'score': nan\}.*last good checkpoint: .*step_000002"):
+        trainer.train()
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1, 2]
+    # the checkpoint still resumes
+    recs = make_trainer(tmp_path, 3).train(resume=True)
+    assert [r["step"] for r in recs] == [1, 2, 3]
+
+
+def test_ppo_online_reward_model_mode(tmp_path):
+    tok = tokenizer()
+    torch.manual_seed(0)
+    policy = tiny_policy(tok)
+    rm = RewardModel.from_causal_lm(tiny_policy(tok, seed=1))
+    head_before = rm.head.weight.detach().clone()
+    labeler = lambda prompt, completions: max(range(len(completions)), key=lambda i: completions[i].count("7"))
+    seed_comps = [{"prompt": "1 2 :", "chosen": "7 7", "rejected": "1 2"}]
+    cfg = PPOConfig(out_dir=str(tmp_path), steps=4, batch_size=8, samples_per_prompt=2, max_new_tokens=4,
+                    minibatch_size=8, online_rm_every=2, online_comparisons=8, online_rm_steps=3, progress=False,
+                    save_every=2)
+    t = PPOTrainer(cfg, policy, tok, PROMPTS, HFEngine(policy, tok, max_model_len=24), reward_model=rm,
+                   labeler=labeler, comparisons=seed_comps)
+    recs = t.train()
+    assert len(t.comparisons) == 1 + 2 * 8
+    assert [r.get("rm_comparisons") for r in recs] == [None, 9, None, 17]
+    assert not torch.equal(rm.head.weight, head_before)
+    assert "reward_model.safetensors" in os.listdir(list_checkpoints(tmp_path)[-1][1])
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm not installed")
+def test_ppo_with_vllm_rollouts(tmp_path):
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from rlhf_fast.rollout import VLLMEngine
+    tok = tokenizer()
+    torch.manual_seed(0)
+    save_model(tiny_policy(tok), tok, tmp_path / "model")
+    engine = VLLMEngine(str(tmp_path / "model"), tok, max_model_len=24, dtype="float32")
+    try:
+        trainer = make_trainer(tmp_path / "run", 6, tok=tok, engine=engine, estimator="grpo")
+        recs = trainer.train()
+        assert engine.weight_version == 6
+        # the engine samples from the synced learner: its log-probs match the learner's
+        assert max(r["mismatch_abs_diff_max"] for r in recs) < 1e-3
+        assert sum(r["score"] for r in recs[-2:]) / 2 > recs[0]["score"] + 0.2
+    finally:
+        engine.close()
