@@ -62,7 +62,7 @@ def logprob_entropy_torch(logits2d: torch.Tensor, labels1d: torch.Tensor, temper
 def _backward_torch(logits2d, labels1d, lse, grad_logp, grad_entropy, temperature, ignore_index, entropy):
     acc = _acc_dtype(logits2d.dtype)
     s = logits2d.to(acc) / temperature
-    log_p = s - lse.to(acc).unsqueeze(-1)
+    log_p = (s - lse.to(acc).unsqueeze(-1)).clamp(min=torch.finfo(acc).min)  # -inf logit: p = 0, p * log p = 0
     p = log_p.exp()
     valid = labels1d != ignore_index
     grad = torch.zeros_like(s)

@@ -9,7 +9,7 @@ With ``m`` the mask, ``n = sum(m)`` and sums over every valid position of the wh
     masked_whiten(x, m)         = (x - mean) * rsqrt(var_unbiased + eps) [+ mean if not shift_mean]
                                   at valid positions, 0 at masked positions
 
-``dim`` (sum/mean only) reduces along that dimension instead of globally. Everything accumulates and
+``dim`` (sum/mean only) reduces along that dimension instead of globally (plain torch ops on every backend). Everything accumulates and
 returns in fp32 whatever the input dtype. Degenerate counts give 0 instead of NaN or an exception (TRL
 raises on an all-masked batch; that needs a device sync, which we avoid). Masked positions of whiten
 are 0, not the input value: they are padding and must not feed a loss.

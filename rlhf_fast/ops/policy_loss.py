@@ -9,7 +9,7 @@ Per token, all in fp32 (inputs ``[B, T]``, any float dtype; ``A`` = advantages):
     pg    = w * pg                                                            only when rollout_logp is given
     loss  = sum_{b,t} mask * s_b * pg                                         s_b: the ``agg`` mode (rlhf_fast.ops.agg)
 
-Gradient (one pass, no saved intermediates): ``dloss/dlogp = -g * s_b * m * w * A * r`` where neither clip is
+Gradient: ``dloss/dlogp = -g * s_b * m * w * A * r`` where neither clip is
 active and ``|logp - old_logp| <= 20``, else 0. ``agg="none"`` returns the masked ``[B, T]`` matrix ``m * pg``.
 
 Stats (0-dim fp32, detached; means over the valid tokens, 0 on an all-masked batch):
@@ -18,7 +18,9 @@ Stats (0-dim fp32, detached; means over the valid tokens, 0 on an all-masked bat
 with rollout_logp also ``tis_weight_mean`` mean(w) and ``tis_clipfrac`` mean[exp(old - rollout) > tis_cap].
 
 Backends: ``torch`` is the reference (plain autograd); ``native`` (C++) and ``triton`` run one fused kernel
-forward (per-row loss sums, counts and stat partials) and one backward (dlogp per token) in an autograd Function.
+forward (per-row loss sums, counts and stat partials) in an autograd Function. Backward: triton recomputes dlogp
+per token in a second kernel from the saved inputs; native has its forward also write ``m * dpg/dlogp`` per token
+(fp32 ``[B, T]``, only when logp requires grad), so its backward is one multiply by ``g * s_b``.
 """
 from __future__ import annotations
 
@@ -83,41 +85,51 @@ def policy_loss_torch(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=
 
 
 # ----------------------------------------------------------------------------------------- fused path
-def _launch_forward(backend, tensors, params, token_out):
+def _launch_forward(backend, tensors, params, token_out, grad_out):
+    """(parts, token_loss, dtok); dtok (native only, when grad_out) is the per-token ``m * d pg / d logp``."""
     if backend == "native":
-        return native_module().policy_loss_forward(*tensors, *params, token_out)
+        return native_module().policy_loss_forward(*tensors, *params, token_out, grad_out)
     from rlhf_fast.kernels.policy_loss import policy_loss_forward_triton
-    return policy_loss_forward_triton(*tensors, *params, token_out)
-
-
-def _launch_backward(backend, tensors, coef, params):
-    if backend == "native":
-        return native_module().policy_loss_backward(*tensors, coef, *params)
-    from rlhf_fast.kernels.policy_loss import policy_loss_backward_triton
-    return policy_loss_backward_triton(*tensors, coef, *params)
+    return (*policy_loss_forward_triton(*tensors, *params, token_out), None)
 
 
 class _FusedPolicyLoss(torch.autograd.Function):
-    """Outputs (loss, parts): loss a scalar (or [B, T] for agg="none"), parts the [B, 10] partials (no grad)."""
+    """Outputs (loss, parts): loss a scalar (or [B, T] for agg="none"), parts the [B, 10] partials (no grad).
+
+    native: the forward kernel also writes the per-token derivative ``dtok`` (one fp32 [B, T] write) and the
+    backward is ``coef * dtok``. triton: the backward kernel recomputes it from the saved inputs."""
 
     @staticmethod
     def forward(ctx, logp, old_logp, advantages, mask, rollout_logp, params, agg, backend):
         tensors = (logp, old_logp, advantages, mask, rollout_logp)
-        parts, token_loss = _launch_forward(backend, tensors, params, agg == "none")
+        ctx.stashed = backend == "native" and ctx.needs_input_grad[0]
+        parts, token_loss, dtok = _launch_forward(backend, tensors, params, agg == "none", ctx.stashed)
         scale = row_scale(parts[:, 1], logp.shape[1], agg)
         loss = token_loss if agg == "none" else (scale * parts[:, 0]).sum()
-        ctx.save_for_backward(*(t for t in tensors if t is not None), scale)
+        if ctx.stashed:
+            ctx.save_for_backward(dtok, mask, scale)
+        else:
+            ctx.save_for_backward(*(t for t in tensors if t is not None), scale)
         ctx.has_tis, ctx.params, ctx.agg, ctx.backend = rollout_logp is not None, params, agg, backend
+        ctx.logp_dtype = logp.dtype
         ctx.mark_non_differentiable(parts)
         return loss, parts
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_parts):
+        if ctx.stashed:
+            dtok, mask, scale = ctx.saved_tensors
+            if ctx.agg == "none":  # the upstream grad of padded tokens may be anything (even NaN): not used
+                grad = torch.where(mask, grad_loss, 0.0) * dtok
+            else:
+                grad = dtok * (grad_loss * scale)[:, None]
+            return grad.to(ctx.logp_dtype), None, None, None, None, None, None, None
         *tensors, scale = ctx.saved_tensors
         if not ctx.has_tis:
             tensors.append(None)
         coef = grad_loss.contiguous() if ctx.agg == "none" else (grad_loss * scale).contiguous()
-        grad = _launch_backward(ctx.backend, tensors, coef, ctx.params)
+        from rlhf_fast.kernels.policy_loss import policy_loss_backward_triton
+        grad = policy_loss_backward_triton(*tensors, coef, *ctx.params)
         return grad, None, None, None, None, None, None, None
 
 
