@@ -16,6 +16,7 @@ if os.environ.get("RLHF_FAST_NO_NATIVE") != "1":
     if os.uname().machine != "x86_64":
         cxx_flags.remove("-march=x86-64-v2")
     sources = sorted(glob.glob("csrc/*.cpp"))
+    headers = sorted(glob.glob("csrc/*.h"))  # a changed header rebuilds the extension
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
@@ -23,10 +24,10 @@ if os.environ.get("RLHF_FAST_NO_NATIVE") != "1":
             "rlhf_fast._C", sources,
             extra_compile_args={"cxx": cxx_flags + ["-DRLHF_FAST_WITH_CUDA"],
                                 "nvcc": ["-O3", "-std=c++17", "-DRLHF_FAST_WITH_CUDA"]},
-            extra_link_args=["-fopenmp"])
+            extra_link_args=["-fopenmp"], depends=headers)
     else:
         ext = cpp_extension.CppExtension(
-            "rlhf_fast._C", sources, extra_compile_args=cxx_flags, extra_link_args=["-fopenmp"])
+            "rlhf_fast._C", sources, extra_compile_args=cxx_flags, extra_link_args=["-fopenmp"], depends=headers)
     ext_modules = [ext]
     cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=False)}
 
