@@ -16,8 +16,8 @@ import sys
 
 EXIT_NONFINITE = 3
 
-# command-line spellings of config keys
-ALIASES = {"--comparisons": "--data"}
+# command-line spellings of config keys, per subcommand
+ALIASES = {"rm": {"--comparisons": "--data"}}
 
 
 def _split(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -27,8 +27,13 @@ def _split(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--config", help="YAML file with config keys")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
     args, rest = p.parse_known_args(argv)
-    return args, [ALIASES.get(a.split("=")[0], a.split("=")[0]) + (a[len(a.split("=")[0]):]) if a.startswith("--")
-                  else a for a in rest]
+    aliases = ALIASES.get(args.command, {})
+
+    def spell(arg: str) -> str:
+        key, sep, value = arg.partition("=")
+        return aliases.get(key, key) + sep + value if arg.startswith("--") else arg
+
+    return args, [spell(a) for a in rest]
 
 
 def _load_model(path: str):

@@ -6,9 +6,9 @@ import random
 import pytest
 import torch
 
-from rlhf_fast.cli import main as cli_main
+from rlhf_fast.cli import _split as cli_split, main as cli_main
 from rlhf_fast.data import JSONLError, SortTask, build_tokenizer, collate_comparisons, collate_sft, read_jsonl
-from rlhf_fast.trainer.config import ConfigError, PPOConfig, load_config
+from rlhf_fast.trainer.config import ConfigError, PPOConfig, RewardConfig, load_config
 from rlhf_fast.trainer.demo import DemoConfig
 
 
@@ -63,6 +63,12 @@ def test_config_precedence_yaml_then_overrides(tmp_path):
     assert cfg.sft.batch_size == DemoConfig().sft.batch_size   # nested defaults kept, not reset
 
 
+def test_cli_aliases_belong_to_their_subcommand():
+    """``rm --comparisons F`` is the reward trainer's data file; the demo's ``--comparisons N`` is its own key."""
+    assert load_config(RewardConfig, None, cli_split(["rm", "--comparisons", "c.jsonl"])[1]).data == "c.jsonl"
+    assert load_config(DemoConfig, None, cli_split(["demo", "--comparisons=7"])[1]).comparisons == 7
+
+
 def test_cli_reports_bad_key_and_bad_data(tmp_path, capsys):
     assert cli_main(["ppo", "--stepz", "3"]) == 2
     assert "unknown config key 'stepz'" in capsys.readouterr().err
@@ -75,8 +81,9 @@ def test_sort_task_score_and_labeler():
     task = SortTask(labeler_temperature=1e-3)
     assert task.true_score("3 1 2 :", "1 2 3") == 1.0
     assert task.true_score("3 1 2 :", "3 2 1") == 0.0
-    assert task.true_score("3 1 2 2 :", "1 2") == pytest.approx(1 / 3)     # too short: partial credit
-    assert task.true_score("3 1 :", "1 2 3 4 5") == 1.0                    # clipped to 1
+    assert task.true_score("3 1 2 2 :", "1 2") == pytest.approx(1 / 3 * 2 / 4)  # too short: partial credit
+    assert task.true_score("3 1 :", "1 2 3 4 5") == pytest.approx(2 / 5)        # extra digits: order clipped, overlap 2/5
+    assert task.true_score("3 1 2 :", "1 2 4") == pytest.approx(2 / 3)          # a changed digit
     rng = random.Random(0)
     assert all(task.label("3 1 2 :", ["3 2 1", "1 2 3", "2 1 3", "3 1 2"], rng) == 1 for _ in range(20))
     noisy = SortTask(labeler_temperature=10.0)

@@ -3,12 +3,15 @@ simulated noisy labeler (Ziegler et al. 2019's best-of-4 setting with a programm
 
 Prompt ``"3 1 4 1 5 :"`` (n digits, n in [min_len, max_len]); the ideal completion is ``"1 1 3 4 5"``.
 
-True score of a completion c = (c_1..c_m) for a prompt of n digits::
+True score of a completion c = (c_1..c_m) for a prompt of n digits d::
 
-    score = #{ i : c_i, c_{i+1} digits and c_i <= c_{i+1} } / (n - 1),  clipped to [0, 1]
+    order   = min(1, #{ i : c_i, c_{i+1} digits and c_i <= c_{i+1} } / (n - 1))
+    overlap = |multiset(c) & multiset(d)| / max(m, n)
+    score   = order * overlap
 
-so it rewards both order and covering the prompt's length. SFT completions are random permutations of the
-prompt (score ~0.55 on average); a perfect sort scores 1.
+so it rewards order, and only over the prompt's own digits: a run of ascending digits that drops, adds or
+changes digits scores less. SFT completions are random permutations of the prompt (score ~0.5 on average);
+a perfect sort scores 1.
 
 Labeler: shown K completions, it picks i with probability softmax(score / temperature)_i (Bradley-Terry /
 Luce choice; temperature -> 0 is a perfect labeler).
@@ -18,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+from collections import Counter
 
 DIGITS = [str(d) for d in range(10)]
 
@@ -27,6 +31,7 @@ class SortTask:
     min_len: int = 4
     max_len: int = 6
     labeler_temperature: float = 0.05
+    demo_sorted_fraction: float = 0.0   # share of SFT demonstrations that are sorted (the rest: shuffled)
 
     def corpus(self) -> list[str]:
         """Texts that cover the vocabulary (for training the tokenizer)."""
@@ -49,10 +54,11 @@ class SortTask:
         return prompt.replace(":", " ").split()
 
     def sft_completion(self, prompt: str, rng: random.Random) -> str:
-        """A demonstration: the prompt's digits in random order (a weak demonstrator, as SFT data often is)."""
+        """A demonstration from a weak demonstrator, as SFT data often is: the prompt's digits sorted with
+        probability ``demo_sorted_fraction``, else in random order."""
         d = self.digits(prompt)
         rng.shuffle(d)
-        return " ".join(d)
+        return " ".join(sorted(d) if rng.random() < self.demo_sorted_fraction else d)
 
     def sft_examples(self, n: int, seed: int) -> list[dict]:
         rng = random.Random(seed)
@@ -63,10 +69,11 @@ class SortTask:
         return out
 
     def true_score(self, prompt: str, completion: str) -> float:
-        n = len(self.digits(prompt))
-        c = completion.split()
-        good = sum(1 for a, b in zip(c, c[1:]) if a in DIGITS and b in DIGITS and a <= b)
-        return min(1.0, good / max(n - 1, 1))
+        d, c = self.digits(prompt), completion.split()
+        ascending = sum(1 for a, b in zip(c, c[1:]) if a in DIGITS and b in DIGITS and a <= b)
+        order = min(1.0, ascending / max(len(d) - 1, 1))
+        overlap = sum((Counter(c) & Counter(d)).values()) / max(len(c), len(d))
+        return order * overlap
 
     def label(self, prompt: str, completions: list[str], rng: random.Random) -> int:
         """The simulated labeler: index of the preferred completion, sampled from softmax(score / T)."""

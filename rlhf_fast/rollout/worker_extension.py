@@ -9,9 +9,21 @@ hold whole layers (see ``weight_sync.plan_buckets``).
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
+
+
+class _QuietRotaryReload(logging.Filter):
+    """Drops the warning ``reload_weights`` logs for the rotary embedding on every sync: its cos/sin cache is
+    a buffer that no checkpoint holds, and vLLM puts it back unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "RotaryEmbedding: Failed to load weights"
+
+
+logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_QuietRotaryReload())
 
 
 class WorkerExtension:

@@ -39,8 +39,9 @@ class DemoConfig:
     min_len: int = 4
     max_len: int = 6
     labeler_temperature: float = 0.05
+    demo_sorted_fraction: float = 0.2  # SFT demonstrations that are sorted; the rest are shuffled
     sft_examples: int = 4000
-    comparisons: int = 1500        # best-of-4 comparisons from the labeler
+    comparisons: int = 3000        # best-of-4 comparisons from the labeler
     heldout_fraction: float = 0.15
     eval_prompts: int = 512
     threads: int = 1               # torch threads for the learner (0: torch default); 1 is fastest for this tiny model
@@ -50,8 +51,8 @@ class DemoConfig:
     rm: RewardConfig = dataclasses.field(default_factory=lambda: RewardConfig(lr=1e-3, batch_size=32, epochs=3,
                                                                               warmup_steps=10))
     ppo: PPOConfig = dataclasses.field(default_factory=lambda: PPOConfig(
-        lr=3e-4, critic_lr=1e-3, steps=60, batch_size=64, ppo_epochs=2, minibatch_size=32, kl_coef=0.1,
-        kl_target=6.0, kl_horizon=500.0, save_every=10))
+        lr=3e-4, critic_lr=1e-3, steps=100, batch_size=64, ppo_epochs=2, minibatch_size=32, kl_coef=0.2,
+        kl_target=6.0, kl_horizon=200.0, save_every=10))
 
 
 def _log(msg: str) -> None:
@@ -104,7 +105,7 @@ def run_demo(cfg: DemoConfig, resume: bool = False) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump(to_dict(cfg), f, indent=1)
-    task = SortTask(cfg.min_len, cfg.max_len, cfg.labeler_temperature)
+    task = SortTask(cfg.min_len, cfg.max_len, cfg.labeler_temperature, cfg.demo_sorted_fraction)
     tokenizer = build_tokenizer(task.corpus())
     max_model_len = 2 * task.max_len + 4
     phases = {}
