@@ -12,9 +12,10 @@ if os.environ.get("RLHF_FAST_NO_NATIVE") != "1":
     import torch
     from torch.utils import cpp_extension
 
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-march=x86-64-v2", "-ffp-contract=fast"]
-    if os.uname().machine != "x86_64":
-        cxx_flags.remove("-march=x86-64-v2")
+    # The CPU kernels' SIMD width follows the target: the build machine's own by default (an editable build
+    # runs where it is built); RLHF_FAST_MARCH=x86-64-v2 (or any -march value) for a portable build.
+    march = os.environ.get("RLHF_FAST_MARCH", "native")
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", f"-march={march}", "-ffp-contract=fast"]
     sources = sorted(glob.glob("csrc/*.cpp"))
     headers = sorted(glob.glob("csrc/*.h"))  # a changed header rebuilds the extension
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None

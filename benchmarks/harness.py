@@ -13,7 +13,8 @@ on CUDA each call is timed with CUDA events after flushing the L2 cache (as trit
 peak_mb is what an implementation allocates beyond its inputs and the outputs it returns:
 on CPU, in a fresh process (``python -m benchmarks.memprobe``), the peak RSS of one call after a
 warm-up call, over the RSS just before it, minus the returned tensors; on CUDA, the allocator's peak
-over the same baseline.
+over the same baseline. Cases with ``memory_scope="process"`` (end-to-end iterations) report instead the
+fresh process's whole peak RSS during one call after a warm-up (rows get ``peak_scope: "process"``).
 
 Problem size (x axis of the report's charts): ``Case.size`` / ``Case.size_label`` when given,
 else parsed from the case name by :func:`parse_size`.
@@ -50,6 +51,9 @@ class Case:
     min_reps: int = 5
     budget_s: float = 2.0               # time budget per (case, impl)
     memory: bool = True                 # measure peak_mb (fresh process on CPU)
+    memory_scope: str = "extra"         # "extra": beyond inputs and outputs; "process": the whole process's peak
+                                        # resident memory during a call (end-to-end benches: models, engines and
+                                        # optimizer state are the memory), CPU only
     size: float | None = None           # problem size for the charts; None: parsed from the name
     size_label: str = ""                # what size counts, e.g. "tokens", "N·V"
     row_extra: Callable[[str, dict], dict] | None = None  # (impl, inputs) -> extra row fields, after timing
@@ -207,6 +211,8 @@ def run_cases(bench: str, cases: list[Case], device: str, quick: bool,
                 continue
             row.update(timing)
             row["peak_mb"] = None
+            if case.memory_scope != "extra":
+                row["peak_scope"] = case.memory_scope
             if case.memory:
                 row["peak_mb"] = (peak_mb_cuda(fn, inputs) if device == "cuda"
                                   else peak_mb_fresh_process(bench, case.name, impl, device, quick))

@@ -1,6 +1,7 @@
 """Fresh-process peak memory of one (bench, case, impl): prints {"peak_mb": ...} as JSON (CPU).
 
     peak_mb = (peak RSS during one call - RSS just before it - bytes of the returned tensors) / 2**20
+    peak_mb = peak RSS during one call / 2**20                  cases with memory_scope="process"
 
 One warm-up call first (lazy initialisation, thread pools, JIT caches are not the op's memory), then
 the kernel's peak-RSS counter is reset (``/proc/self/clear_refs``), so transient allocations made
@@ -32,8 +33,9 @@ def _reset_peak() -> bool:
         return False
 
 
-def peak_bytes(fn, inputs) -> int:
-    """Peak resident bytes of ``fn(inputs)`` over the RSS before it, minus the returned tensors."""
+def peak_bytes(fn, inputs, whole_process: bool = False) -> int:
+    """Peak resident bytes of ``fn(inputs)`` over the RSS before it, minus the returned tensors; with
+    ``whole_process``, the process's peak resident bytes during the call."""
     if _reset_peak():
         fn(inputs)
         gc.collect()
@@ -45,7 +47,7 @@ def peak_bytes(fn, inputs) -> int:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         out = fn(inputs)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return peak - base - nbytes(out)
+    return peak if whole_process else peak - base - nbytes(out)
 
 
 def main() -> None:
@@ -60,7 +62,8 @@ def main() -> None:
     case = next(c for c in module.cases(a.quick, a.device) if c.name == a.case)
     inputs = case.make_inputs()
     gc.collect()
-    print(json.dumps({"peak_mb": max(peak_bytes(case.impls[a.impl], inputs), 0) / 2**20}))
+    peak = peak_bytes(case.impls[a.impl], inputs, whole_process=case.memory_scope == "process")
+    print(json.dumps({"peak_mb": max(peak, 0) / 2**20}))
 
 
 if __name__ == "__main__":

@@ -13,8 +13,11 @@ one optimizer step on all 64 rollouts (1 epoch, 1 minibatch), fp32, CPU.
 - ``trl-grpo``: ``GRPOTrainer.train()`` for one step (HF ``generate`` rollouts, TRL's own loss), same model,
   prompts, reward, generation length and batch. TRL's vLLM integration is GPU-oriented (server/colocate) and is
   not used here.
-tokens = 64 x 128 generated tokens per iteration. One iteration takes tens of seconds on 2 CPU cores, so even
-``--quick`` (one timed iteration per impl after a warm-up, no memory probe) takes a few minutes.
+tokens = 64 x 128 generated tokens per iteration. peak_mb is the whole process's peak resident memory during
+one iteration after a warm-up one (``memory_scope="process"``: the models, the engine, the optimizer state and
+the iteration's activations all count), each impl in a fresh process that builds only its own trainer. One
+iteration takes tens of seconds on 2 CPU cores, so even ``--quick`` (one timed iteration per impl after a
+warm-up, plus the two memory probes) takes several minutes.
 """
 from __future__ import annotations
 
@@ -62,10 +65,10 @@ def _ours_inputs() -> dict:
     return {"trainer": trainer, "step": 0, "last": {}, "engine": type(engine).__name__}
 
 
-def _ours(inputs: dict) -> None:
-    rec = inputs["trainer"].train_step(inputs["step"])
-    inputs["step"] += 1
-    inputs["last"] = rec
+def _ours(state: dict) -> None:
+    rec = state["trainer"].train_step(state["step"])
+    state["step"] += 1
+    state["last"] = rec
 
 
 def _trl_inputs() -> dict:
@@ -85,12 +88,17 @@ def _trl_inputs() -> dict:
     return {"trainer": trainer}
 
 
-def _trl(inputs: dict) -> None:
-    inputs["trainer"].train()
+def _trl(state: dict) -> None:
+    state["trainer"].train()
 
 
-def _make_inputs() -> dict:
-    return {"rlhf_fast": _ours_inputs(), "trl-grpo": _trl_inputs() if importlib.util.find_spec("trl") else None}
+def _lazy(impl: str, build, step):
+    """Builds the impl's own trainer on its first (warm-up) call: a memory-probe process holds only its own."""
+    def run(inputs: dict) -> None:
+        if impl not in inputs:
+            inputs[impl] = build()
+        step(inputs[impl])
+    return run
 
 
 def _row_extra(impl: str, inputs: dict) -> dict:
@@ -114,9 +122,9 @@ def _flops() -> float:
 
 
 def cases(quick: bool, device: str) -> list[Case]:
-    impls = {"rlhf_fast": lambda inp: _ours(inp["rlhf_fast"])}
+    impls = {"rlhf_fast": _lazy("rlhf_fast", _ours_inputs, _ours)}
     if importlib.util.find_spec("trl") is not None:
-        impls["trl-grpo"] = lambda inp: _trl(inp["trl-grpo"])
-    return [Case(name=f"M50xP{PROMPTS * SAMPLES}xN{NEW_TOKENS}", make_inputs=_make_inputs, impls=impls,
+        impls["trl-grpo"] = _lazy("trl-grpo", _trl_inputs, _trl)
+    return [Case(name=f"M50xP{PROMPTS * SAMPLES}xN{NEW_TOKENS}", make_inputs=dict, impls=impls,
                  tokens=PROMPTS * SAMPLES * NEW_TOKENS, flops=_flops(), min_reps=1 if quick else 2, budget_s=0.0,
-                 memory=not quick, row_extra=_row_extra, size_label="generated tokens")]
+                 memory_scope="process", row_extra=_row_extra, size_label="generated tokens")]

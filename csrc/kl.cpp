@@ -1,33 +1,41 @@
 // KL estimators and reward shaping on CPU (see rlhf_fast/ops/kl.py for the math).
 //   x = logp - ref_logp;  k1 = x, k2 = x^2/2, k3 = exp(-x) + x - 1, abs = |x|;  optional clamp to [-c, c].
 // Elementwise passes over the flattened tensors (kl_forward / kl_backward) and one pass per row for
-// shape_rewards; work in float, inputs converted once, OpenMP via at::parallel_for.
+// shape_rewards, in fp32 lanes of 4 (rlhf_fast::map_lanes; the k3 exp is rlhf_fast::exp_full: std::exp is a
+// scalar libm call and GCC turns scalar selects into branches, either of which stops the vectoriser);
+// inputs converted to fp32 once; OpenMP via at::parallel_for.
+#include "loss_common.h"
 #include "ops.h"
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 
 namespace {
 
 enum Est { K1 = 0, K2 = 1, K3 = 2, ABS = 3 };
-constexpr int64_t kGrain = 1 << 16;  // tokens per task: below this, waking the OpenMP pool does not pay
+constexpr int64_t kGrain = 1 << 14;  // tokens per task: below this, waking the OpenMP pool does not pay
+
+using rlhf_fast::splat;
+using rlhf_fast::vf;
+using rlhf_fast::vi;
 
 template <int E>
-inline float kl_value(float x) {
+inline vf kl_value(vf x) {
   if constexpr (E == K1) return x;
   else if constexpr (E == K2) return 0.5f * x * x;
-  else if constexpr (E == K3) return std::exp(-x) + x - 1.f;
-  else return std::fabs(x);
+  else if constexpr (E == K3) return rlhf_fast::exp_full(-x) + x - 1.f;
+  else return x < 0.f ? -x : x;
 }
 
 template <int E>
-inline float kl_grad(float x) {  // d value / d logp
-  if constexpr (E == K1) return 1.f;
+inline vf kl_grad(vf x) {  // d value / d logp
+  if constexpr (E == K1) return splat(1.f);
   else if constexpr (E == K2) return x;
-  else if constexpr (E == K3) return 1.f - std::exp(-x);
-  else return static_cast<float>((x > 0.f) - (x < 0.f));
+  else if constexpr (E == K3) return 1.f - rlhf_fast::exp_full(-x);
+  else return x > 0.f ? splat(1.f) : (x < 0.f ? splat(-1.f) : splat(0.f));  // sign; 0 at 0 and NaN
 }
 
 template <typename F>
@@ -46,7 +54,10 @@ at::Tensor as_float(const at::Tensor& t) { return t.to(at::kFloat).contiguous();
 float bound(const std::optional<double>& c) { return c ? static_cast<float>(*c) : INFINITY; }
 
 // clamp to [-c, c] that keeps NaN (unlike fmin/fmax), as torch.clamp
-inline float clampf(float v, float c) { return v < -c ? -c : (v > c ? c : v); }
+inline vf clampv(vf v, float c) {
+  v = v < -c ? splat(-c) : v;
+  return v > c ? splat(c) : v;
+}
 
 at::Tensor kl_forward(const at::Tensor& logp, const at::Tensor& ref_logp, int64_t est, std::optional<double> clamp) {
   auto lp = as_float(logp), rp = as_float(ref_logp);
@@ -57,8 +68,7 @@ at::Tensor kl_forward(const at::Tensor& logp, const at::Tensor& ref_logp, int64_
   const float c = bound(clamp);
   dispatch_est(est, [&](auto e) {
     at::parallel_for(0, lp.numel(), kGrain, [&](int64_t begin, int64_t end) {
-#pragma omp simd
-      for (int64_t i = begin; i < end; ++i) o[i] = clampf(kl_value<e()>(a[i] - b[i]), c);
+      rlhf_fast::map_lanes(begin, end, o, [&](vf x, vf y) { return clampv(kl_value<e()>(x - y), c); }, a, b);
     });
   });
   return out;
@@ -77,16 +87,12 @@ std::tuple<at::Tensor, at::Tensor> kl_backward(const at::Tensor& grad, const at:
   const float c = bound(clamp);
   dispatch_est(straight ? int64_t(K2) : est, [&](auto e) {
     at::parallel_for(0, lp.numel(), kGrain, [&](int64_t begin, int64_t end) {
-#pragma omp simd
-      for (int64_t i = begin; i < end; ++i) {
-        const float x = a[i] - b[i];
-        float d = gp[i] * kl_grad<e()>(x);
-        if (!straight) {  // torch.clamp passes the gradient where the value lies within [-c, c]
-          const float v = kl_value<e()>(x);
-          d = (v >= -c && v <= c) ? d : 0.f;
-        }
-        o[i] = d;
-      }
+      rlhf_fast::map_lanes(begin, end, o, [&](vf gv, vf x, vf y) {
+        const vf d = gv * kl_grad<e()>(x - y);
+        if (straight) return d;
+        const vf v = kl_value<e()>(x - y);  // torch.clamp passes the gradient where the value lies within [-c, c]
+        return (v >= -c) & (v <= c) ? d : splat(0.f);
+      }, gp, a, b);
     });
   });
   at::Tensor gr;
@@ -116,15 +122,13 @@ std::tuple<at::Tensor, at::Tensor> shape_rewards_forward(const at::Tensor& score
     at::parallel_for(0, B, std::max<int64_t>(1, kGrain / std::max<int64_t>(T, 1)), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t o = r * T;
-#pragma omp simd
-        for (int64_t t = 0; t < T; ++t) {
-          const float k = mp[o + t] ? clampf(kl_value<e()>(a[o + t] - b[o + t]), c) : 0.f;
-          kp[o + t] = k;
-          rw[o + t] = -coef * k;
-        }
+        rlhf_fast::map_lanes(o, o + T, kp, [&](vf x, vf y, vi valid) {
+          return valid ? clampv(kl_value<e()>(x - y), c) : splat(0.f);
+        }, a, b, mp);
+        rlhf_fast::map_lanes(o, o + T, rw, [&](vf k) { return -coef * k; }, kp);  // the row is still in L1
         int64_t last = T - 1;
         while (last >= 0 && !mp[o + last]) --last;
-        if (last >= 0) rw[o + last] += clampf(s[r], rc);
+        if (last >= 0) rw[o + last] += std::min(std::max(s[r], -rc), rc);
       }
     });
   });

@@ -1,4 +1,4 @@
-// Shared by the PPO loss kernels (policy_loss.cpp, value_loss.cpp).
+// Shared by the CPU kernels: fp32 SIMD lanes, a vectorisable exp, dtype and threading helpers.
 #pragma once
 #include <torch/extension.h>
 
@@ -7,12 +7,9 @@
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
+#include <limits>
 #include <type_traits>
 #include <vector>
-
-#if defined(__SSE4_1__)
-#include <immintrin.h>
-#endif
 
 namespace rlhf_fast {
 
@@ -30,36 +27,38 @@ inline std::vector<at::Tensor> one_float_dtype(std::initializer_list<at::Tensor>
   return out;
 }
 
-// 4 fp32 lanes (GCC/clang vector extensions: arithmetic, comparisons giving v4i masks of -1/0, and `m ? a : b`
-// with both arms evaluated, i.e. a blend). SSE4.1 at -march=x86-64-v2; the plain C++ fallbacks elsewhere.
-typedef float v4f __attribute__((vector_size(16)));
-typedef int32_t v4i __attribute__((vector_size(16)));
-
-inline v4f splat(float x) { return v4f{x, x, x, x}; }
-inline float floor_f32(float x) { return std::floor(x); }
-inline v4f floor_f32(v4f x) {
-#if defined(__SSE4_1__)
-  return _mm_floor_ps(x);
+// kLanes fp32 lanes (GCC/clang vector extensions: arithmetic, comparisons giving vi masks of -1/0, and
+// `m ? a : b` with both arms evaluated, i.e. a blend). The width follows the target the extension is compiled
+// for (setup.py: -march=native unless RLHF_FAST_MARCH says otherwise): 16 lanes with AVX-512, 8 with AVX2,
+// else 4 (SSE, or the compiler's generic lowering). Everything below is written for any width.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX2__)
+constexpr int kLanes = 8;
 #else
-  return v4f{std::floor(x[0]), std::floor(x[1]), std::floor(x[2]), std::floor(x[3])};
+constexpr int kLanes = 4;
 #endif
+typedef float vf __attribute__((vector_size(4 * kLanes)));
+typedef int32_t vi __attribute__((vector_size(4 * kLanes)));
+typedef uint16_t vu16 __attribute__((vector_size(2 * kLanes)));
+typedef uint8_t vu8 __attribute__((vector_size(kLanes)));
+
+inline vf splat(float x) { return vf{} + x; }
+
+// floor for |x| < 2^31: truncate, then step down where truncation rounded up (negative non-integers).
+inline vf floor_f32(vf x) {
+  const vf t = __builtin_convertvector(__builtin_convertvector(x, vi), vf);
+  return t > x ? t - 1.f : t;
 }
 // 2^n for integral-valued n in the normal range, by building the float's exponent field.
-inline float pow2i(float n) {
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float out;
-  std::memcpy(&out, &bits, sizeof out);
-  return out;
-}
-inline v4f pow2i(v4f n) { return reinterpret_cast<v4f>((__builtin_convertvector(n, v4i) + 127) << 23); }
+inline vf pow2i(vf n) { return reinterpret_cast<vf>((__builtin_convertvector(n, vi) + 127) << 23); }
 
 // exp(x) for |x| <= 80 within 2 ulp (Cephes expf: Cody-Waite reduction by ln 2, degree-6 polynomial),
-// branch-free, for F = float or v4f with bitwise-identical lanes (std::exp stays a libm call without -ffast-math).
-template <typename F>
-inline F exp_simd(F x) {
-  const F n = floor_f32(x * 1.44269504088896341f + 0.5f);
-  const F r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  F p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+// branch-free (std::exp stays a scalar libm call without -ffast-math).
+inline vf exp_simd(vf x) {
+  const vf n = floor_f32(x * 1.44269504088896341f + 0.5f);
+  const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  vf p = r * 1.9875691500e-4f + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
@@ -68,40 +67,87 @@ inline F exp_simd(F x) {
   return p * pow2i(n);
 }
 
-// 4 consecutive elements as fp32 lanes.
-inline v4f load4(const float* x) {
-  v4f v;
+// exp over the whole float range: exp_simd where it is accurate, and at the ends what std::exp gives in fp32
+// up to rounding (0 below -87, inf above 88; std::exp overflows at 88.72). NaN lanes stay NaN.
+inline vf exp_full(vf x) {
+  vf xc = x < -87.f ? splat(-87.f) : x;
+  xc = xc > 88.f ? splat(88.f) : xc;
+  const vf e = exp_simd(xc);
+  return x > 88.f ? splat(std::numeric_limits<float>::infinity()) : (x < -87.f ? splat(0.f) : e);
+}
+
+// kLanes consecutive elements as fp32 lanes.
+inline vf loadv(const float* x) {
+  vf v;
   std::memcpy(&v, x, sizeof v);
   return v;
 }
-template <typename T>
-inline v4f load4(const T* x) {
-  return v4f{static_cast<float>(x[0]), static_cast<float>(x[1]), static_cast<float>(x[2]), static_cast<float>(x[3])};
-}
-#if defined(__SSE4_1__)
-inline v4f load4(const c10::BFloat16* x) {  // bf16 -> fp32 is a 16-bit left shift
-  int64_t bits;
+inline vf loadv(const c10::BFloat16* x) {  // bf16 -> fp32 is a 16-bit left shift
+  vu16 bits;
   std::memcpy(&bits, x, sizeof bits);
-  return _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_cvtsi64_si128(bits)), 16));
+  return reinterpret_cast<vf>(__builtin_convertvector(bits, vi) << 16);
 }
-#endif
-inline void store4(float* x, v4f v) { std::memcpy(x, &v, sizeof v); }
+template <typename T>
+inline vf loadv(const T* x) {
+  vf v;
+  for (int i = 0; i < kLanes; ++i) v[i] = static_cast<float>(x[i]);
+  return v;
+}
+inline void storev(float* x, vf v) { std::memcpy(x, &v, sizeof v); }
 
-// 4 consecutive bools as a lane mask (-1 where true).
-inline v4i load_mask4(const bool* m) {
-  int32_t bytes;
+// kLanes consecutive bools as a lane mask (-1 where true).
+inline vi load_maskv(const bool* m) {
+  vu8 bytes;
   std::memcpy(&bytes, m, sizeof bytes);
-#if defined(__SSE4_1__)
-  const v4i lanes = reinterpret_cast<v4i>(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(bytes)));
-#else
-  const auto* u = reinterpret_cast<const uint8_t*>(m);
-  const v4i lanes{u[0], u[1], u[2], u[3]};
-#endif
-  return lanes != 0;
+  return __builtin_convertvector(bytes, vi) != 0;
 }
 
-inline float hsum(v4f v) { return (v[0] + v[1]) + (v[2] + v[3]); }
-inline float hsum(v4i v) { return static_cast<float>((v[0] + v[1]) + (v[2] + v[3])); }
+// Lanes of one input pointer: fp32 values, or a lane mask for bools.
+inline vf load_lanes(const float* x) { return loadv(x); }
+inline vi load_lanes(const bool* x) { return load_maskv(x); }
+
+// The last n < kLanes elements of p as full lanes, zero- (false-) padded.
+template <typename T>
+inline auto tail_lanes(const T* p, int64_t n) {
+  T q[kLanes] = {};
+  std::copy(p, p + n, q);
+  return load_lanes(q);
+}
+
+// out[i] = f(lanes of in[i]...) for i in [begin, end), kLanes elements at a time; the last (end - begin) % kLanes
+// go through padded lanes (tail_lanes), so f sees full lanes only and the tail is computed the same way.
+template <typename F, typename... In>
+inline void map_lanes(int64_t begin, int64_t end, float* out, F&& f, const In*... in) {
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) storev(out + i, f(load_lanes(in + i)...));
+  if (i < end) {
+    float q[kLanes];
+    storev(q, f(tail_lanes(in + i, end - i)...));
+    std::copy(q, q + (end - i), out + i);
+  }
+}
+
+// Horizontal reductions.
+inline float hsum(vf v) {
+  float s = 0.f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+inline float hsum(vi v) {
+  int32_t s = 0;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return static_cast<float>(s);
+}
+inline float hmax(vf v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
+  return m;
+}
+inline float hmin(vf v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = std::min(m, v[i]);
+  return m;
+}
 
 // f(std::true_type{}) or f(std::false_type{}): turns a runtime flag into a template parameter, so the
 // inner loops carry no branch on it (branches stop the vectoriser).

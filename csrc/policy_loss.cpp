@@ -18,9 +18,10 @@
 
 namespace {
 
+using rlhf_fast::kLanes;
 using rlhf_fast::splat;
-using rlhf_fast::v4f;
-using rlhf_fast::v4i;
+using rlhf_fast::vf;
+using rlhf_fast::vi;
 
 constexpr float kBound = 20.f;
 constexpr int kParts = 10;
@@ -29,66 +30,66 @@ struct Params {
   float lo, hi, dual, cap;
 };
 
-// Four tokens' terms in fp32 lanes, branch-free: comparisons give lane masks, `m ? x : y` blends.
+// kLanes tokens' terms in fp32 lanes, branch-free: comparisons give lane masks, `m ? x : y` blends.
 // (GCC 12 will not vectorise the scalar form: it jump-threads the +-20 clamp into branches around the exp.)
 struct Lanes {
-  v4f pg;   // w * clipped surrogate
-  v4f dpg;  // d pg / d logp
-  v4f ratio, log_ratio, w;
-  v4i clip, dual_on, w_clip;
+  vf pg;   // w * clipped surrogate
+  vf dpg;  // d pg / d logp
+  vf ratio, log_ratio, w;
+  vi clip, dual_on, w_clip;
 };
 
 // std::min / std::max semantics lane-wise (a NaN first operand propagates, as in the torch reference's clamp).
-inline v4f clamp(v4f x, v4f lo, v4f hi) {
+inline vf clamp(vf x, vf lo, vf hi) {
   x = x < lo ? lo : x;
   return hi < x ? hi : x;
 }
 
 template <bool HAS_TIS>
-inline Lanes policy_lanes(v4f lp, v4f olp, v4f a, v4f rlp, const Params& p) {
-  const v4f zero = splat(0.f), bound = splat(kBound);
-  const v4f raw = lp - olp;
-  const v4f lr = clamp(raw, -bound, bound);
-  const v4f r = rlhf_fast::exp_simd(lr);
-  const v4f pg1 = -a * r;
-  const v4f pg2 = -a * clamp(r, splat(p.lo), splat(p.hi));
-  const v4f pg3 = -a * p.dual;
-  const v4i clip = pg2 > pg1;
-  const v4f pg12 = clip ? pg2 : pg1;
-  const v4i dual_on = (a < 0.f) & (pg12 > pg3);
-  const v4f pg = dual_on ? pg3 : pg12;
-  v4f w = splat(1.f);
-  v4i w_clip = v4i{};
+inline Lanes policy_lanes(vf lp, vf olp, vf a, vf rlp, const Params& p) {
+  const vf zero = splat(0.f), bound = splat(kBound);
+  const vf raw = lp - olp;
+  const vf lr = clamp(raw, -bound, bound);
+  const vf r = rlhf_fast::exp_simd(lr);
+  const vf pg1 = -a * r;
+  const vf pg2 = -a * clamp(r, splat(p.lo), splat(p.hi));
+  const vf pg3 = -a * p.dual;
+  const vi clip = pg2 > pg1;
+  const vf pg12 = clip ? pg2 : pg1;
+  const vi dual_on = (a < 0.f) & (pg12 > pg3);
+  const vf pg = dual_on ? pg3 : pg12;
+  vf w = splat(1.f);
+  vi w_clip = vi{};
   if (HAS_TIS) {
-    const v4f w_raw = rlhf_fast::exp_simd(clamp(olp - rlp, -bound, bound));
+    const vf w_raw = rlhf_fast::exp_simd(clamp(olp - rlp, -bound, bound));
     w_clip = w_raw > p.cap;
     w = w_clip ? splat(p.cap) : w_raw;
   }
   // The gradient flows through the unclipped branch only, and not where the log-ratio clamp binds (raw != lr).
-  const v4i pass = ~clip & ~dual_on & (raw == lr);
+  const vi pass = ~clip & ~dual_on & (raw == lr);
   return {w * pg, w * (pass ? pg1 : zero), r, lr, w, clip, dual_on, w_clip};
 }
 
 // Per-row partial sums, one per lane, reduced at the row end.
 // Counts are integer lanes (a true mask lane is -1: count -= mask).
 struct Partials {
-  v4f loss{}, nkl{}, rsum{}, wsum{};
-  v4i n{}, clip{}, dual{}, wclip{};
-  v4f rmax = splat(-std::numeric_limits<float>::infinity()), rmin = splat(std::numeric_limits<float>::infinity());
+  vf loss{}, nkl{}, rsum{}, wsum{};
+  vi n{}, clip{}, dual{}, wclip{};
+  vf rmax = splat(-std::numeric_limits<float>::infinity()), rmin = splat(std::numeric_limits<float>::infinity());
 };
 
-// Tokens t..t+3 of one row (masked lanes contribute nothing, whatever their values: NaN padding included).
+// Tokens t..t+kLanes-1 of one row (masked lanes contribute nothing, whatever their values: NaN padding included).
 template <bool HAS_TIS, bool TOKEN_OUT, bool GRAD_OUT, typename scalar_t>
 inline void policy_step(const scalar_t* lp, const scalar_t* op, const scalar_t* ap, const scalar_t* rp,
                         const bool* mp, int64_t t, const Params& p, Partials& s, float* tok, float* dtok) {
-  using rlhf_fast::load4;
-  const v4i m = rlhf_fast::load_mask4(mp + t);
-  const v4f zero = splat(0.f);
-  const Lanes k = policy_lanes<HAS_TIS>(load4(lp + t), load4(op + t), load4(ap + t),
-                                        HAS_TIS ? load4(rp + t) : zero, p);
-  const v4f pg = m ? k.pg : zero;
-  if (TOKEN_OUT) rlhf_fast::store4(tok + t, pg);
-  if (GRAD_OUT) rlhf_fast::store4(dtok + t, m ? k.dpg : zero);
+  using rlhf_fast::loadv;
+  const vi m = rlhf_fast::load_maskv(mp + t);
+  const vf zero = splat(0.f);
+  const Lanes k = policy_lanes<HAS_TIS>(loadv(lp + t), loadv(op + t), loadv(ap + t),
+                                        HAS_TIS ? loadv(rp + t) : zero, p);
+  const vf pg = m ? k.pg : zero;
+  if (TOKEN_OUT) rlhf_fast::storev(tok + t, pg);
+  if (GRAD_OUT) rlhf_fast::storev(dtok + t, m ? k.dpg : zero);
   s.loss += pg;
   s.n -= m;
   s.clip -= m & k.clip;
@@ -99,8 +100,8 @@ inline void policy_step(const scalar_t* lp, const scalar_t* op, const scalar_t* 
     s.wsum += m ? k.w : zero;
     s.wclip -= m & k.w_clip;
   }
-  const v4f rmax = m ? k.ratio : splat(-std::numeric_limits<float>::infinity());
-  const v4f rmin = m ? k.ratio : splat(std::numeric_limits<float>::infinity());
+  const vf rmax = m ? k.ratio : splat(-std::numeric_limits<float>::infinity());
+  const vf rmin = m ? k.ratio : splat(std::numeric_limits<float>::infinity());
   s.rmax = s.rmax < rmax ? rmax : s.rmax;
   s.rmin = rmin < s.rmin ? rmin : s.rmin;
 }
@@ -112,13 +113,13 @@ void policy_row(const scalar_t* lp, const scalar_t* op, const scalar_t* ap, cons
                 int64_t T, const Params p, float* row, float* tok, float* dtok) {
   Partials s;
   int64_t t = 0;
-  for (; t + 4 <= T; t += 4) {
+  for (; t + kLanes <= T; t += kLanes) {
     policy_step<HAS_TIS, TOKEN_OUT, GRAD_OUT>(lp, op, ap, rp, mp, t, p, s, tok, dtok);
   }
-  if (t < T) {  // the last T % 4 tokens, through the same lanes: copied into zero-padded, masked-off quads
+  if (t < T) {  // the last T % kLanes tokens, through the same lanes: copied into zero-padded, masked-off lanes
     const int64_t n = T - t;
-    float in[4][4] = {}, out[2][4];
-    bool m[4] = {};
+    float in[4][kLanes] = {}, out[2][kLanes];
+    bool m[kLanes] = {};
     for (int64_t i = 0; i < n; ++i) {
       in[0][i] = static_cast<float>(lp[t + i]);
       in[1][i] = static_cast<float>(op[t + i]);
@@ -134,8 +135,8 @@ void policy_row(const scalar_t* lp, const scalar_t* op, const scalar_t* ap, cons
   const float n = hsum(s.n);
   row[0] = hsum(s.loss); row[1] = n; row[2] = hsum(s.clip); row[3] = hsum(s.dual); row[4] = hsum(s.nkl);
   row[5] = hsum(s.rsum);
-  row[6] = std::max(std::max(s.rmax[0], s.rmax[1]), std::max(s.rmax[2], s.rmax[3]));
-  row[7] = std::min(std::min(s.rmin[0], s.rmin[1]), std::min(s.rmin[2], s.rmin[3]));
+  row[6] = rlhf_fast::hmax(s.rmax);
+  row[7] = rlhf_fast::hmin(s.rmin);
   row[8] = HAS_TIS ? hsum(s.wsum) : n; row[9] = hsum(s.wclip);
 }
 

@@ -15,42 +15,43 @@ namespace {
 
 constexpr int kParts = 8;
 
+using rlhf_fast::kLanes;
 using rlhf_fast::splat;
-using rlhf_fast::v4f;
-using rlhf_fast::v4i;
+using rlhf_fast::vf;
+using rlhf_fast::vi;
 
-// Four tokens' terms in fp32 lanes, branch-free (comparisons give lane masks, `m ? x : y` blends).
+// kLanes tokens' terms in fp32 lanes, branch-free (comparisons give lane masks, `m ? x : y` blends).
 struct Lanes {
-  v4f loss, dloss;
-  v4i clip;
+  vf loss, dloss;
+  vi clip;
 };
 
-inline Lanes value_lanes(v4f v, v4f old, v4f ret, float c) {
-  v4f vc = v < old - c ? old - c : v;  // std::min(std::max(v, old - c), old + c) lane-wise
+inline Lanes value_lanes(vf v, vf old, vf ret, float c) {
+  vf vc = v < old - c ? old - c : v;  // std::min(std::max(v, old - c), old + c) lane-wise
   vc = old + c < vc ? old + c : vc;
-  const v4f d1 = v - ret, d2 = vc - ret;
-  const v4f l1 = d1 * d1, l2 = d2 * d2;
-  const v4i clip = l2 > l1;
+  const vf d1 = v - ret, d2 = vc - ret;
+  const vf l1 = d1 * d1, l2 = d2 * d2;
+  const vi clip = l2 > l1;
   return {0.5f * (clip ? l2 : l1), clip ? splat(0.f) : d1, clip};
 }
 
 // Per-row partial sums, one per lane (counts as integer lanes: count -= mask), reduced at the row end.
 struct Partials {
-  v4f loss{}, sv{}, sr{}, sr2{}, se{}, se2{};
-  v4i n{}, clip{};
+  vf loss{}, sv{}, sr{}, sr2{}, se{}, se2{};
+  vi n{}, clip{};
 };
 
-// Tokens t..t+3 of one row: masked lanes contribute nothing, whatever their values.
+// Tokens t..t+kLanes-1 of one row: masked lanes contribute nothing, whatever their values.
 template <bool TOKEN_OUT, typename scalar_t>
 inline void forward_step(const scalar_t* vp, const scalar_t* op, const scalar_t* rp, const bool* mp, int64_t t,
                          float c, Partials& s, float* tok) {
-  using rlhf_fast::load4;
-  const v4i m = rlhf_fast::load_mask4(mp + t);
-  const v4f zero = splat(0.f), v = load4(vp + t), ret = load4(rp + t);
-  const Lanes k = value_lanes(v, load4(op + t), ret, c);
-  const v4f l = m ? k.loss : zero;
-  if (TOKEN_OUT) rlhf_fast::store4(tok + t, l);
-  const v4f vm = m ? v : zero, rm = m ? ret : zero, e = rm - vm;
+  using rlhf_fast::loadv;
+  const vi m = rlhf_fast::load_maskv(mp + t);
+  const vf zero = splat(0.f), v = loadv(vp + t), ret = loadv(rp + t);
+  const Lanes k = value_lanes(v, loadv(op + t), ret, c);
+  const vf l = m ? k.loss : zero;
+  if (TOKEN_OUT) rlhf_fast::storev(tok + t, l);
+  const vf vm = m ? v : zero, rm = m ? ret : zero, e = rm - vm;
   s.loss += l;
   s.n -= m;
   s.clip -= m & k.clip;
@@ -66,11 +67,11 @@ void forward_row(const scalar_t* vp, const scalar_t* op, const scalar_t* rp, con
                  float* row, float* tok) {
   Partials s;
   int64_t t = 0;
-  for (; t + 4 <= T; t += 4) forward_step<TOKEN_OUT>(vp, op, rp, mp, t, c, s, tok);
-  if (t < T) {  // the last T % 4 tokens, through the same lanes: copied into zero-padded, masked-off quads
+  for (; t + kLanes <= T; t += kLanes) forward_step<TOKEN_OUT>(vp, op, rp, mp, t, c, s, tok);
+  if (t < T) {  // the last T % kLanes tokens, through the same lanes: copied into zero-padded, masked-off lanes
     const int64_t n = T - t;
-    float in[3][4] = {}, out[4];
-    bool m[4] = {};
+    float in[3][kLanes] = {}, out[kLanes];
+    bool m[kLanes] = {};
     for (int64_t i = 0; i < n; ++i) {
       in[0][i] = static_cast<float>(vp[t + i]);
       in[1][i] = static_cast<float>(op[t + i]);
@@ -97,28 +98,28 @@ void forward_rows(const scalar_t* vp, const scalar_t* op, const scalar_t* rp, co
   });
 }
 
-// dv for tokens t..t+3: coef * m * d loss / dv.
+// dv for tokens t..t+kLanes-1: coef * m * d loss / dv.
 template <bool PER_TOKEN, typename scalar_t>
-inline v4f backward_step(const scalar_t* vp, const scalar_t* op, const scalar_t* rp, const bool* mp,
+inline vf backward_step(const scalar_t* vp, const scalar_t* op, const scalar_t* rp, const bool* mp,
                          const float* coef, float row_c, int64_t t, float c) {
-  using rlhf_fast::load4;
-  const Lanes k = value_lanes(load4(vp + t), load4(op + t), load4(rp + t), c);
-  const v4f g = PER_TOKEN ? load4(coef + t) : splat(row_c);
-  return rlhf_fast::load_mask4(mp + t) ? g * k.dloss : splat(0.f);
+  using rlhf_fast::loadv;
+  const Lanes k = value_lanes(loadv(vp + t), loadv(op + t), loadv(rp + t), c);
+  const vf g = PER_TOKEN ? loadv(coef + t) : splat(row_c);
+  return rlhf_fast::load_maskv(mp + t) ? g * k.dloss : splat(0.f);
 }
 
 template <typename scalar_t, bool PER_TOKEN>
 void backward_row(const scalar_t* vp, const scalar_t* op, const scalar_t* rp, const bool* mp, const float* coef,
                   float row_c, int64_t T, float c, scalar_t* grad) {
   int64_t t = 0;
-  for (; t + 4 <= T; t += 4) {
-    const v4f d = backward_step<PER_TOKEN>(vp, op, rp, mp, coef, row_c, t, c);
-    for (int i = 0; i < 4; ++i) grad[t + i] = static_cast<scalar_t>(d[i]);
+  for (; t + kLanes <= T; t += kLanes) {
+    const vf d = backward_step<PER_TOKEN>(vp, op, rp, mp, coef, row_c, t, c);
+    for (int i = 0; i < kLanes; ++i) grad[t + i] = static_cast<scalar_t>(d[i]);
   }
-  if (t < T) {  // the last T % 4 tokens, zero-padded and masked off
+  if (t < T) {  // the last T % kLanes tokens, zero-padded and masked off
     const int64_t n = T - t;
-    float in[4][4] = {};
-    bool m[4] = {};
+    float in[4][kLanes] = {};
+    bool m[kLanes] = {};
     for (int64_t i = 0; i < n; ++i) {
       in[0][i] = static_cast<float>(vp[t + i]);
       in[1][i] = static_cast<float>(op[t + i]);
@@ -126,7 +127,7 @@ void backward_row(const scalar_t* vp, const scalar_t* op, const scalar_t* rp, co
       if (PER_TOKEN) in[3][i] = coef[t + i];
       m[i] = mp[t + i];
     }
-    const v4f d = backward_step<PER_TOKEN>(in[0], in[1], in[2], m, in[3], row_c, 0, c);
+    const vf d = backward_step<PER_TOKEN>(in[0], in[1], in[2], m, in[3], row_c, 0, c);
     for (int64_t i = 0; i < n; ++i) grad[t + i] = static_cast<scalar_t>(d[i]);
   }
 }

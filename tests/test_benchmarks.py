@@ -2,7 +2,7 @@
 
 Timings use time.sleep (ours 1 ms, peers 10 ms and 30 ms) so ratios are predictable on a loaded
 machine; memory uses a known 200 MiB temporary. Each child process (a bench, a memory probe)
-imports torch (~2 s), so the suite test runs only three small benches and two memory probes.
+imports torch (~2 s), so the suite test runs only three small benches and four memory probes.
 """
 from __future__ import annotations
 
@@ -46,6 +46,8 @@ def cases(quick, device):
                 bytes_moved=8 * n, min_reps=3, budget_s=0.05, memory=False) for n in (1024, 4096)]
     out.append(Case("alloc", _inputs_after_a_transient_peak, {"rlhf_fast": _noalloc, "peer-alloc": _alloc200},
                     min_reps=2, budget_s=0.0))
+    out.append(Case("whole", lambda: {"x": torch.ones(300 * 2**20 // 4)}, {"rlhf_fast": _noalloc,
+                    "peer-alloc": _alloc200}, min_reps=2, budget_s=0.0, memory_scope="process"))
     return out
 '''
 
@@ -156,10 +158,15 @@ def test_all_survives_failing_benches_and_reports(on_path, tmp_path):
     assert rows[(f"{PKG}.ok", "alloc", "peer-alloc")]["peak_mb"] == pytest.approx(200, rel=0.2)
     assert rows[(f"{PKG}.ok", "alloc", "rlhf_fast")]["peak_mb"] < 5
     assert rows[(f"{PKG}.ok", "B1xT1024", "rlhf_fast")]["peak_mb"] is None   # memory=False
+    # memory_scope="process": the whole process's peak, inputs (300 MiB) included, plus what the call adds
+    whole, whole_alloc = rows[(f"{PKG}.ok", "whole", "rlhf_fast")], rows[(f"{PKG}.ok", "whole", "peer-alloc")]
+    assert whole["peak_scope"] == "process" and "peak_scope" not in rows[(f"{PKG}.ok", "alloc", "rlhf_fast")]
+    assert whole["peak_mb"] > 300 and whole_alloc["peak_mb"] - whole["peak_mb"] == pytest.approx(200, rel=0.2)
 
     text = md.read_text()
     assert "## CPU" in text and "## Headline" in text and "% of roofline" in text
     assert "vs peer-slow" in text                                  # ours' row names the fastest peer
+    assert f"| whole | **rlhf_fast** |" in text and " (process) |" in text
     assert f"{PKG}.bad, failed" in text and f"{PKG}.crash, partial" in text
     png = res_dir / f"cpu-{PKG}.ok.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

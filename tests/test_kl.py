@@ -57,6 +57,22 @@ def test_kl_penalty_value_and_grads(backend, estimator, clamp, dtype):
     torch.testing.assert_close(ref.grad.cpu(), rp.grad.to(dtype), atol=tol, rtol=GRAD_RTOL[dtype])
 
 
+def test_k3_over_the_whole_float_range(backend):
+    """exp(-x) overflows to inf below x = -88.7 and underflows above x = 87, as torch's fp32 exp does (the native
+    kernel's vectorised exp handles both ends explicitly); clamp=10 turns the overflow into 10."""
+    dev = device_for(backend)
+    x = torch.tensor([-100.0, -90.0, -87.5, -50.0, -20.0, -1e-3, 0.0, 1e-3, 20.0, 50.0, 86.0, 90.0, 100.0])
+    logp = x.clone().to(dev).requires_grad_()
+    out = kl_penalty(logp, torch.zeros_like(logp), "k3", backend=backend)
+    out.backward(torch.ones_like(out))
+    expected = torch.exp(-x) + x - 1                      # fp32 torch: inf where exp overflows
+    assert torch.isinf(expected[:2]).all()
+    torch.testing.assert_close(out.detach().cpu(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logp.grad.cpu(), 1 - torch.exp(-x), atol=1e-5, rtol=1e-5)
+    clamped = kl_penalty(x.to(dev), torch.zeros(13, device=dev), "k3", clamp=10.0, backend=backend)
+    torch.testing.assert_close(clamped.cpu(), expected.clamp(max=10.0), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("alias,base", [("kl", "k1"), ("mse", "k2"), ("low_var_kl", "k3"), ("low_var_kl+", "k3+")])
 def test_verl_aliases(backend, alias, base):
     dev = device_for(backend)
