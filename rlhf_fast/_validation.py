@@ -59,3 +59,21 @@ def check_choice(name: str, value: str, choices: Iterable[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
+
+
+def check_labels(labels, shape: torch.Size, shape_name: str, vocab: int, ignore_index) -> torch.Tensor:
+    """Integer token ids of ``shape`` (named ``shape_name`` in the error), each in [0, vocab) or equal to
+    ``ignore_index``; returned flattened as int64."""
+    check_tensor("labels", labels)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.shape != shape:
+        raise ValueError(f"labels must have shape {shape_name} = {tuple(shape)}, got {tuple(labels.shape)}")
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    labels1d = labels.reshape(-1).long()
+    bad = (labels1d != ignore_index) & ((labels1d < 0) | (labels1d >= vocab))
+    if bool(bad.any()):
+        raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
+                         f"found e.g. {labels1d[bad][0].item()}")
+    return labels1d

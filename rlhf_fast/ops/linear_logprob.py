@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from rlhf_fast._backend import resolve_backend
-from rlhf_fast._validation import check_positive, check_same_device, check_tensor
+from rlhf_fast._validation import check_labels, check_positive, check_same_device, check_tensor
 from rlhf_fast.ops.logprob import logprob_entropy_backward, logprob_entropy_forward
 
 __all__ = ["linear_logprobs", "default_chunk_size"]
@@ -159,19 +159,8 @@ def _check_args(hidden, weight, labels, bias, softcap, chunk_size, ignore_index)
         if bias.shape[0] != V or bias.dtype != weight.dtype:
             raise ValueError(f"bias must be [{V}] of dtype {weight.dtype}, got {tuple(bias.shape)} {bias.dtype}")
     check_tensor("labels", labels)
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-    if labels.shape != hidden.shape[:-1]:
-        raise ValueError(f"labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
-                         f"got {tuple(labels.shape)}")
     check_same_device({"hidden": hidden, "weight": weight, "labels": labels, "bias": bias})
-    if not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    labels1d = labels.reshape(-1).long()
-    bad = (labels1d != ignore_index) & ((labels1d < 0) | (labels1d >= V))
-    if bool(bad.any()):
-        raise ValueError(f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}; "
-                         f"found e.g. {labels1d[bad][0].item()}")
+    labels1d = check_labels(labels, hidden.shape[:-1], "hidden.shape[:-1]", V, ignore_index)
     check_positive("softcap", softcap, allow_none=True)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")

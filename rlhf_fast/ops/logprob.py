@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from rlhf_fast._backend import native_module, resolve_backend
-from rlhf_fast._validation import check_positive, check_same_device, check_tensor
+from rlhf_fast._validation import check_labels, check_positive, check_same_device, check_tensor
 
 __all__ = ["logprobs_from_logits", "logprob_entropy_forward", "logprob_entropy_backward"]
 
@@ -202,21 +202,10 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature
     if logits.dim() < 1 or logits.size(-1) < 1:
         raise ValueError(f"logits must be [..., V] with V >= 1, got shape {tuple(logits.shape)}")
     check_tensor("labels", labels)
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-    if labels.shape != logits.shape[:-1]:
-        raise ValueError(f"labels must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
-                         f"got {tuple(labels.shape)}")
     check_same_device({"logits": logits, "labels": labels})
-    temperature = check_positive("temperature", temperature)
-    if not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     V = logits.size(-1)
-    labels1d = labels.reshape(-1).long()
-    bad = (labels1d != ignore_index) & ((labels1d < 0) | (labels1d >= V))
-    if bool(bad.any()):
-        raise ValueError(f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}; "
-                         f"found e.g. {labels1d[bad][0].item()}")
+    labels1d = check_labels(labels, logits.shape[:-1], "logits.shape[:-1]", V, ignore_index)
+    temperature = check_positive("temperature", temperature)
     backend = resolve_backend(backend, logits)
 
     if backend == "torch":
