@@ -24,18 +24,15 @@ namespace {
 constexpr float kMinExpArg = -87.0f;  // e^-87 ~ 1.6e-38 > FLT_MIN: no denormals, no -inf * 0
 
 // GCC if-converts (and so vectorises) float selects only without -ftrapping-math; clang's default already.
-// On x86-64 the row loops are also cloned for AVX2 and AVX-512 (picked at load time by the CPU's features).
+// The vector width is the build target's (setup.py: -march=native unless RLHF_FAST_MARCH says otherwise).
+// No target_clones: a clone for a narrower target than the build's cannot inline exp_f32 (GCC refuses to inline
+// across a target-feature mismatch), so its loops would call it per element and not vectorise at all.
 #if defined(__GNUC__) && !defined(__clang__)
 #define RLHF_VECTORIZE __attribute__((optimize("no-trapping-math")))
-#if defined(__x86_64__)
-#define RLHF_ROW_LOOP RLHF_VECTORIZE __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define RLHF_ROW_LOOP RLHF_VECTORIZE
-#endif
 #else
 #define RLHF_VECTORIZE
-#define RLHF_ROW_LOOP
 #endif
+#define RLHF_ROW_LOOP RLHF_VECTORIZE
 
 RLHF_VECTORIZE inline float max_f32(float a, float b) { return a > b ? a : b; }
 
