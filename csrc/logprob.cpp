@@ -177,8 +177,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_forward(const at::Tensor&
         row_sums(x, V, m, inv_tau, need_entropy, Z, D);
         const float logZ = std::log(Z);
         lse_out[i] = m * inv_tau + logZ;
-        const bool valid = lab[i] != ignore_index;
-        lp_out[i] = valid ? std::min((x[lab[i]] - m) * inv_tau - logZ, 0.f) : 0.f;
+        const bool valid = lab[i] != ignore_index, hit = valid && lab[i] >= 0 && lab[i] < V;
+        lp_out[i] = hit ? std::min((x[lab[i]] - m) * inv_tau - logZ, 0.f) : 0.f;
         if (need_entropy) h_out[i] = valid ? std::max(logZ - D / Z, 0.f) : 0.f;
       }
     });
@@ -225,13 +225,14 @@ void logprob_backward(const at::Tensor& logits, const at::Tensor& labels, const 
         const float a = g_lp ? g_lp[i] * inv_tau : 0.f, b = g_h ? g_h[i] * inv_tau : 0.f;
         const float H = b == 0.f ? 0.f : (h_in ? h_in[i] : row_entropy(x, V, inv_tau, lse_p[i]));
         const int64_t y = lab[i];
+        const bool hit = y >= 0 && y < V;  // a label outside the row (another vocab slice): no one-hot term
         if constexpr (std::is_same_v<scalar_t, float>) {
           float* g = reinterpret_cast<float*>(o);  // may alias x: each index is read, then written
           row_grad(x, g, V, inv_tau, lse_p[i], a, b, H);
-          g[y] += a;
+          if (hit) g[y] += a;
         } else {
           row_grad(x, buf.data(), V, inv_tau, lse_p[i], a, b, H);
-          buf[y] += a;
+          if (hit) buf[y] += a;
           for (int64_t j = 0; j < V; ++j) o[j] = static_cast<scalar_t>(buf[j]);
         }
       }

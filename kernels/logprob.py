@@ -58,9 +58,10 @@ def _logprob_fwd_kernel(logits_ptr, labels_ptr, logp_ptr, ent_ptr, lse_ptr, N, V
     log_z = tl.log(z_sum)
     y = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
     valid = y != ignore_index
-    s_y = tl.load(rows_base + tl.where(valid, y, 0)).to(tl.float32) * inv_tau
+    hit = valid & (y >= 0) & (y < V)   # a label outside the row (another vocab slice): logp = 0, H as usual
+    s_y = tl.load(rows_base + tl.where(hit, y, 0)).to(tl.float32) * inv_tau
     tl.store(lse_ptr + rows, m + log_z, mask=row_ok)
-    tl.store(logp_ptr + rows, tl.where(valid, tl.minimum(s_y - m - log_z, 0.0), 0.0), mask=row_ok)
+    tl.store(logp_ptr + rows, tl.where(hit, tl.minimum(s_y - m - log_z, 0.0), 0.0), mask=row_ok)
     if NEED_ENTROPY:
         h = tl.maximum(log_z - tl.sum(D, axis=1) / z_sum, 0.0)
         tl.store(ent_ptr + rows, tl.where(valid, h, 0.0), mask=row_ok)

@@ -69,7 +69,8 @@ def test_fp32_matches_reference_with_grads(backend, which, opts):
     g_logp, g_ent = torch.randn(N), torch.randn(N)   # per-token upstream grads (no reduction)
 
     def ours(h, w, b=None):
-        return linear_logprobs(h, w, labels, bias=b, return_entropy=True, chunk_size=10, backend=backend, **kw)
+        return linear_logprobs(h, w, labels, bias=b, return_entropy=True, chunk_size=10, vocab_chunk_size=384,
+                               backend=backend, **kw)      # tiles 10 x 384: partial in both directions
 
     def ref(h, w, b=None):
         return reference(h, w, labels, bias=b, **kw)
@@ -90,7 +91,8 @@ def test_bf16(backend):
     hidden, weight, bias, labels = make(N, H, V, dtype=torch.bfloat16, bias=True)
     g_logp, g_ent = torch.randn(N), torch.randn(N)
     (logp, ent), grads = grads_of(
-        lambda h, w, b: linear_logprobs(h, w, labels, bias=b, return_entropy=True, chunk_size=8, backend=backend),
+        lambda h, w, b: linear_logprobs(h, w, labels, bias=b, return_entropy=True, chunk_size=8,
+                                        vocab_chunk_size=256, backend=backend),
         (hidden, weight, bias), g_logp, g_ent, "both")
     (rlogp, rent), rgrads = grads_of(lambda h, w, b: reference(h, w, labels, bias=b),
                                      (hidden.double(), weight.double(), bias.double()), g_logp.double(),
@@ -168,24 +170,28 @@ def test_signs_and_negative_logits(backend):
 
 
 @pytest.mark.parametrize("cpu_backend", ["torch", "native"])
-def test_chunk_size_edges(cpu_backend):
+def test_tile_edges(cpu_backend):
+    """Every tile shape gives the same outputs and gradients: rows 1 / 5 (does not divide 13) / N / 4N (clamps
+    to N) by vocabulary columns 1 / 7 (does not divide 200) / V / 4V; labels at both ends of the vocabulary."""
     from rlhf_fast._backend import native_available
     if cpu_backend == "native" and not native_available():
         pytest.skip("native extension not built")
     N, H, V = 13, 16, 200
     hidden, weight, bias, labels = make(N, H, V, bias=True)
+    labels[2], labels[3] = 0, V - 1
     out = {}
-    for chunk in (1, 5, N, 4 * N, None):                     # 5 does not divide 13; 4N clamps to N
+    for tile in [(rows, None) for rows in (1, 5, N, 4 * N, None)] + [(4, cols) for cols in (1, 7, V, 4 * V)]:
         leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
         logp, ent = linear_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], return_entropy=True,
-                                    chunk_size=chunk, backend=cpu_backend)
+                                    chunk_size=tile[0], vocab_chunk_size=tile[1], backend=cpu_backend)
         (logp - 0.5 * ent).sum().backward()
-        out[chunk] = [logp, ent] + [t.grad for t in leaves]
-    rlogp, _ = reference(hidden, weight, labels, bias=bias)
-    torch.testing.assert_close(out[1][0].double(), rlogp, rtol=0, atol=2e-5)
-    for chunk, got in out.items():
-        for a, b in zip(got, out[1]):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"chunk_size={chunk}")
+        out[tile] = [logp, ent] + [t.grad for t in leaves]
+    rlogp, rent = reference(hidden, weight, labels, bias=bias)
+    torch.testing.assert_close(out[1, None][0].double(), rlogp, rtol=0, atol=2e-5)
+    torch.testing.assert_close(out[4, 7][1].double(), rent, rtol=0, atol=2e-5)
+    for tile, got in out.items():
+        for a, b in zip(got, out[1, None]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"tile={tile}")
 
 
 def test_leading_dims_noncontiguous_and_frozen_weight(backend):
@@ -225,6 +231,8 @@ def test_float64_torch_backend_is_exact():
     (dict(temperature=0.0), ValueError, "temperature"),
     (dict(softcap=-1.0), ValueError, "softcap"),
     (dict(chunk_size=0), ValueError, "chunk_size"),
+    (dict(vocab_chunk_size=0), ValueError, "vocab_chunk_size"),
+    (dict(vocab_chunk_size=2.5), ValueError, "vocab_chunk_size"),
     (dict(backend="cuda"), ValueError, "backend"),
 ])
 def test_bad_input(bad, err, match):

@@ -182,6 +182,28 @@ def test_building_blocks(backend):
         torch.testing.assert_close(out.float(), ref.float(), atol=GRAD_ATOL_FP32, rtol=2**-7)
 
 
+def test_building_blocks_with_labels_outside_the_row(backend):
+    """One vocabulary slice of the tiled lm_head: a row whose label lies in another slice (>= V here) has
+    logp = 0, the slice's own lse and H, and the gradient of (-g_logp * lse + g_H * H), no one-hot term."""
+    V = 300
+    logits, _ = make((9,), V)
+    labels = torch.tensor([0, V - 1, V, V + 7, -1, V, 5, V, V])       # -1: ignored (the tiles' ignore_index)
+    logp, entropy, lse = L.logprob_entropy_forward(logits, labels, 1.3, -1, True, backend)
+    z = logits.double().requires_grad_()
+    lsm = torch.log_softmax(z / 1.3, -1)
+    ref_lse, ref_h = torch.logsumexp(z / 1.3, -1), -(lsm.exp() * lsm).sum(-1)
+    inside, ignored = labels.lt(V) & labels.ge(0), labels.eq(-1)
+    ref_logp = torch.where(inside, lsm.gather(-1, labels.clamp(0, V - 1)[:, None])[:, 0], 0.0)
+    torch.testing.assert_close(logp.double(), ref_logp.detach(), atol=ATOL_FP32, rtol=0)
+    torch.testing.assert_close(lse.double(), ref_lse.detach(), atol=ATOL_FP32, rtol=0)
+    torch.testing.assert_close(entropy.double(), torch.where(ignored, 0.0, ref_h).detach(), atol=ATOL_FP32, rtol=0)
+    g_logp, g_ent = torch.randn(9), torch.randn(9)
+    f = torch.where(ignored, 0.0, g_logp * torch.where(inside, ref_logp, -ref_lse) + g_ent * ref_h).sum()
+    expected, = torch.autograd.grad(f, z)
+    got = L.logprob_entropy_backward(logits, labels, lse, g_logp, g_ent, 1.3, -1, backend, entropy=entropy)
+    torch.testing.assert_close(got.double(), expected, atol=GRAD_ATOL_FP32, rtol=1e-5)
+
+
 def test_auto_backend_on_cpu():
     from rlhf_fast._backend import native_available, resolve_backend
     logits, labels = make((2, 3), 10)

@@ -15,7 +15,10 @@ Gradients, written in one pass over the row (log-prob and entropy together)::
     dH/dz_j    = -p_j (log p_j + H) / tau
     dz_j       = g_logp * dlogp/dz_j + g_H * dH/dz_j
 
-Rows whose label equals ``ignore_index`` give logp = H = 0 and a zero gradient.
+Rows whose label equals ``ignore_index`` give logp = H = 0 and a zero gradient. The building blocks
+(``logprob_entropy_forward``/``_backward``) also take labels outside [0, V): such a row has no ``s_y`` term
+(logp = 0, gradient ``-p_j (g_logp + g_H (log p_j + H)) / tau``) but its lse and H as usual: one vocabulary
+slice of the tiled lm_head (rlhf_fast.ops.linear_logprob) whose rows' labels lie in another slice.
 Shapes: logits [..., V], labels [...]; outputs fp32 [...]. Accumulation is fp32 for fp32/bf16/fp16
 logits (float64 logits on the torch backend compute and return float64: the checkable spec).
 
@@ -41,6 +44,11 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _in_row(labels1d: torch.Tensor, valid: torch.Tensor, V: int) -> torch.Tensor:
+    """Rows whose label indexes this row of logits (valid and in [0, V))."""
+    return valid & (labels1d >= 0) & (labels1d < V)
+
+
 def logprob_entropy_torch(logits2d: torch.Tensor, labels1d: torch.Tensor, temperature: float, ignore_index: int,
                           need_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """The module-docstring formulas in torch (differentiable): ``(logp, entropy or None, lse)``, each [N].
@@ -50,8 +58,9 @@ def logprob_entropy_torch(logits2d: torch.Tensor, labels1d: torch.Tensor, temper
     """
     s = logits2d.to(_acc_dtype(logits2d.dtype)) / temperature
     valid = labels1d != ignore_index
+    hit = _in_row(labels1d, valid, s.shape[-1])
     log_p = torch.log_softmax(s, dim=-1)
-    logp = torch.where(valid, log_p.gather(-1, torch.where(valid, labels1d, 0).unsqueeze(-1)).squeeze(-1), 0.0)
+    logp = torch.where(hit, log_p.gather(-1, torch.where(hit, labels1d, 0).unsqueeze(-1)).squeeze(-1), 0.0)
     entropy = None
     if need_entropy:
         entropy = -(log_p.exp() * log_p.clamp(min=torch.finfo(s.dtype).min)).sum(-1)
@@ -67,7 +76,9 @@ def _backward_torch(logits2d, labels1d, lse, grad_logp, grad_entropy, temperatur
     valid = labels1d != ignore_index
     grad = torch.zeros_like(s)
     if grad_logp is not None:
-        onehot = torch.zeros_like(s).scatter_(-1, torch.where(valid, labels1d, 0).unsqueeze(-1), 1.0)
+        hit = _in_row(labels1d, valid, s.shape[-1])
+        onehot = torch.zeros_like(s).scatter_(-1, torch.where(hit, labels1d, 0).unsqueeze(-1),
+                                              hit.to(acc).unsqueeze(-1))
         grad += grad_logp.to(acc).unsqueeze(-1) * (onehot - p)
     if grad_entropy is not None:
         if entropy is None:
