@@ -3,7 +3,8 @@
     logp[n] = log_softmax(h @ W^T)[n, y_n]        h [N, H], W [V, H]; upstream grad g [N]
 
 Implementations (each returns logp, dh, dW so peak_mb excludes them):
-- ``rlhf_fast``: :func:`rlhf_fast.ops.linear_logprobs` (tiles of 1024 tokens x 16384 vocabulary entries on CPU; the logits never whole).
+- ``rlhf_fast``: :func:`rlhf_fast.ops.linear_logprobs` (tiles of 1024 tokens x 16384 vocabulary entries on
+  CPU; the logits never whole).
 - ``naive``: ``(h @ W.T).log_softmax(-1).gather(...)`` + autograd (the unfused baseline).
 - ``trl-chunked``: TRL 1.16 ``trl.kernels.ChunkedLogProbFunction`` (its CPU path: torch tiles of 4096 tokens
   x 32768 vocabulary columns, TRL's default width in ``trl.trainer.utils``).
