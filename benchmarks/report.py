@@ -1,8 +1,9 @@
 """RESULTS.md and PNG charts from the results files, and the headline ratios quoted in the README.
 
 ``python -m benchmarks report`` regenerates both from ``benchmarks/results/*.json`` without rerunning.
-Per device, the newest results file gets a section (machine, date, exact command, measured limits) with
-one table and one chart per bench; older files are listed. Definitions used throughout::
+Per device, one section (machine, date, exact commands, measured limits) with one table and one chart per
+bench, each bench from the newest results file that ran it (a bench rerun on a later day replaces only its own
+rows); files no bench comes from any more are listed. Definitions used throughout::
 
     speed-up of ours over X = median_ms(X) / median_ms(ours)          (> 1: ours is faster)
     best peer               = the peer with the smallest median_ms in that case
@@ -18,6 +19,7 @@ import pathlib
 from collections import defaultdict
 
 from benchmarks.harness import is_ours, parse_size
+from benchmarks.suite import merge
 
 DEVICE_ORDER = {"cpu": 0, "cuda": 1}
 
@@ -35,10 +37,18 @@ def load_results(results_dir: pathlib.Path) -> list[dict]:
 
 
 def latest_per_device(results: list[dict]) -> dict[str, dict]:
+    """Per device, the files folded oldest to newest with :func:`benchmarks.suite.merge`: every bench's rows
+    and record come from the newest file that ran it; each record names its file in ``_path``."""
     latest: dict[str, dict] = {}
     for res in sorted(results, key=lambda r: r["meta"]["date"]):
-        latest[res["meta"]["device"]] = res
+        tagged = {**res, "benches": {b: {**rec, "_path": res["_path"]} for b, rec in res["benches"].items()}}
+        latest[res["meta"]["device"]] = merge(latest.get(res["meta"]["device"]), tagged)
     return dict(sorted(latest.items(), key=lambda kv: DEVICE_ORDER.get(kv[0], 9)))
+
+
+def source_files(res: dict) -> list[pathlib.Path]:
+    """The results files a merged device record's benches come from."""
+    return sorted({rec["_path"] for rec in res["benches"].values()})
 
 
 def by_bench_case(rows: list[dict]) -> dict[str, dict[str, list[dict]]]:
@@ -275,7 +285,7 @@ def device_section(device: str, res: dict, results_dir: pathlib.Path, md_dir: pa
                                                                          if meta.get("git_dirty") else ""),
            f"- Versions: {versions_line(meta)}",
            f"- Physical limits, measured in the same run: {limits_line(res['limits'])}",
-           f"- Results file: `{_rel(res['_path'], md_dir)}`"]
+           "- Results files: " + ", ".join(f"`{_rel(p, md_dir)}`" for p in source_files(res))]
     benches = res.get("benches", {})
     failed = {b: rec for b, rec in benches.items() if rec.get("status", "ok") != "ok"}
     if failed:
@@ -285,7 +295,8 @@ def device_section(device: str, res: dict, results_dir: pathlib.Path, md_dir: pa
         out.append("- Not present in this run: " + ", ".join(res["missing"]))
     for b, rec in benches.items():
         if rec.get("command") and rec["command"] != meta["command"]:
-            out.append(f"- {b}: rows from `{rec['command']}` ({rec['date'][:10]})")
+            commit = f", commit `{rec['git_commit'][:12]}`" if rec.get("git_commit") else ""
+            out.append(f"- {b}: rows from `{rec['command']}` ({rec['date'][:10]}{commit})")
     out.append("")
     for bench, case_map in by_bench_case(res["rows"]).items():
         png = results_dir / f"{device}-{bench}.png"
@@ -316,7 +327,8 @@ def write_report(results_dir: pathlib.Path, md_path: pathlib.Path) -> list[str]:
     lines.append("")
     for device, res in latest.items():
         lines += device_section(device, res, results_dir, md_dir)
-    older = [r for r in results if all(r is not v for v in latest.values())]
+    used = {p for res in latest.values() for p in source_files(res)}
+    older = [r for r in results if r["_path"] not in used]
     if older:
         lines += ["## Earlier results files", ""]
         lines += [f"- `{_rel(r['_path'], md_dir)}`: {r['meta']['date']}, `{r['meta']['command']}`, "
@@ -324,6 +336,27 @@ def write_report(results_dir: pathlib.Path, md_path: pathlib.Path) -> list[str]:
         lines.append("")
     md_path.write_text("\n".join(lines))
     return heads
+
+
+README_BEGIN = "<!-- headlines: written by `python -m benchmarks report` from benchmarks/results; do not edit -->"
+README_END = "<!-- /headlines -->"
+
+
+def headline_block(heads: list[str]) -> str:
+    return "\n".join([README_BEGIN, *[f"- {h}" for h in heads or ["(no case with both ours and a peer yet)"]],
+                      README_END])
+
+
+def update_readme(readme: pathlib.Path, heads: list[str]) -> bool:
+    """Replace the README's headline block (between README_BEGIN and README_END) with ``heads``, so the ratios
+    it quotes are always those of the committed results. False when the README has no such block."""
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        return False
+    before, rest = text.split(README_BEGIN, 1)
+    after = rest.split(README_END, 1)[1]
+    readme.write_text(before + headline_block(heads) + after)
+    return True
 
 
 def print_headlines(heads: list[str]) -> None:

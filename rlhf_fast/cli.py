@@ -95,7 +95,8 @@ def cmd_ppo(cfg, resume: bool) -> None:
     policy, tokenizer = _load_model(cfg.model)
     reward_model = RewardModel.from_pretrained(cfg.reward_model)
     max_len = max(len(tokenizer(p)["input_ids"]) for p in prompts) + cfg.max_new_tokens
-    engine = build_engine(cfg.engine, policy, tokenizer, cfg.model, max_len, seed=cfg.seed)
+    engine = build_engine(cfg.engine, policy, tokenizer, cfg.model, max_len, seed=cfg.seed,
+                          max_num_seqs=cfg.batch_size * cfg.samples_per_prompt)
     try:
         PPOTrainer(cfg, policy, tokenizer, prompts, engine, reward_model=reward_model,
                    ptx_records=ptx).train(resume=resume)

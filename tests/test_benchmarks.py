@@ -7,11 +7,13 @@ imports torch (~2 s), so the suite test runs only three small benches and four m
 from __future__ import annotations
 
 import json
+import pathlib
 import textwrap
 
 import pytest
 
 from benchmarks import limits
+from benchmarks import report as report_mod
 from benchmarks.__main__ import main
 from benchmarks.harness import Case, case_size, parse_size
 from benchmarks.suite import merge
@@ -177,15 +179,45 @@ def _row(case, impl, ms, **kw):
             "p20_ms": ms * 0.95, "p80_ms": ms * 1.05, "reps": 5, "peak_mb": kw.pop("peak_mb", 1.0), **kw}
 
 
-def _results(device, date, rows):
-    meta = {"device": device, "date": date, "command": f"python -m benchmarks all --device {device}",
+def _results(device, date, rows, bench="gae", command=None):
+    meta = {"device": device, "date": date, "command": command or f"python -m benchmarks all --device {device}",
             "cpu_model": "Test CPU", "cores": 2, "gpu": "Test GPU" if device == "cuda" else None,
             "git_commit": "0" * 40, "torch": "2.13.0"}
     lim = {"copy_GBps": 10.0, "copy_MiB": 256, "matmul_GFLOPs": 50.0, "matmul_n": 2048, "matmul_dtype": "float32"}
     for r in rows:
         r["bytes_moved"] = 5_000_000
     limits.annotate(rows, lim)
-    return {"meta": meta, "limits": lim, "benches": {"gae": {"status": "ok"}}, "missing": [], "rows": rows}
+    rec = {"status": "ok", "command": meta["command"], "date": date}
+    return {"meta": meta, "limits": lim, "benches": {bench: rec}, "missing": [], "rows": rows}
+
+
+def test_report_keeps_benches_a_later_file_did_not_rerun(tmp_path):
+    """A bench rerun on a later day replaces its own rows only; the section names both files and commands."""
+    res_dir = tmp_path / "results"
+    res_dir.mkdir()
+    gae = [_row("B64xT1024", "rlhf_fast", 1.0), _row("B64xT1024", "verl-loop", 10.0)]
+    kl = [_row("B64xT1024-k3", "rlhf_fast", 1.0, bench="kl"), _row("B64xT1024-k3", "verl-eager", 3.0, bench="kl")]
+    (res_dir / "cpu-2024-01-01.json").write_text(json.dumps(_results("cpu", "2024-01-01T00:00:00", gae)))
+    later = _results("cpu", "2024-01-02T00:00:00", kl, bench="kl", command="python -m benchmarks all --only kl")
+    (res_dir / "cpu-2024-01-02.json").write_text(json.dumps(later))
+    md = tmp_path / "RESULTS.md"
+    heads = report_mod.write_report(res_dir, md)
+    assert any(h.startswith("gae B64xT1024 (cpu): **10× faster**") for h in heads)
+    assert any(h.startswith("kl B64xT1024-k3 (cpu): **3.0× faster**") for h in heads)
+    text = md.read_text()
+    assert "Results files: `results/cpu-2024-01-01.json`, `results/cpu-2024-01-02.json`" in text
+    assert "- gae: rows from `python -m benchmarks all --device cpu` (2024-01-01)" in text
+    assert "## Earlier results files" not in text
+
+
+def test_readme_quotes_the_committed_results():
+    """The README's headline block is exactly what the committed results files give (no stale or hand-made
+    ratio); `python -m benchmarks report` rewrites it."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    results = report_mod.load_results(root / "benchmarks" / "results")
+    heads = report_mod.headlines(report_mod.latest_per_device(results))
+    assert heads, "no committed benchmark results"
+    assert report_mod.headline_block(heads) in (root / "README.md").read_text()
 
 
 def test_report_from_results_files_without_rerun(tmp_path, capsys):
@@ -198,8 +230,12 @@ def test_report_from_results_files_without_rerun(tmp_path, capsys):
     (res_dir / "cpu-2024-01-01.json").write_text(json.dumps(_results("cpu", "2024-01-01T00:00:00", cpu_rows[:2])))
     (res_dir / "cpu-2024-02-01.json").write_text(json.dumps(_results("cpu", "2024-02-01T00:00:00", cpu_rows)))
     (res_dir / "cuda-2024-02-02.json").write_text(json.dumps(_results("cuda", "2024-02-02T00:00:00", cuda_rows)))
-    md = tmp_path / "RESULTS.md"
-    assert main(["report", "--results-dir", str(res_dir), "--md", str(md)]) == 0
+    md, readme = tmp_path / "RESULTS.md", tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{report_mod.README_BEGIN}\n- stale\n{report_mod.README_END}\n\nrest\n")
+    assert main(["report", "--results-dir", str(res_dir), "--md", str(md), "--readme", str(readme)]) == 0
+    block = readme.read_text().split(report_mod.README_BEGIN)[1].split(report_mod.README_END)[0]
+    assert "stale" not in block and "gae B64xT1024 (cpu): **10× faster**" in block
+    assert readme.read_text().endswith("\n\nrest\n")
 
     text = md.read_text()
     assert text.index("## CPU — 2024-02-01") < text.index("## CUDA — 2024-02-02")

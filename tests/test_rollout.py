@@ -5,6 +5,7 @@ here ~1e-6 / ~7e-6: the two sides differ only in fp32 kernel rounding (relative 
 magnitude ~10, through 2 layers); the bound leaves 100x for other CPUs' kernels, while a stale or
 wrong weight moves log-probs by >= 1e-2.
 """
+import json
 import pathlib
 import subprocess
 import sys
@@ -233,3 +234,18 @@ def test_vllm_dead_engine_raises_not_hangs(tmp_path):
                          capture_output=True, text=True, timeout=400)
     errors = [line for line in res.stderr.splitlines() if "Error" in line or "assert" in line]
     assert res.returncode == 0 and "DEAD-ENGINE-OK" in res.stdout, "\n".join(errors[-30:])
+
+
+def test_kv_cache_bytes_counts_whole_blocks(tmp_path):
+    """2 layers x 2 KV heads x head_dim 16 x (K, V) = 128 elements per token; 130 tokens -> 2 blocks of 128."""
+    from rlhf_fast.rollout.vllm_engine import kv_cache_bytes
+    (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 4, "num_key_value_heads": 2,
+                                                      "hidden_size": 64, "num_hidden_layers": 2}))
+    assert kv_cache_bytes(str(tmp_path), "float32", 3, 130) == 3 * 256 * 128 * 4
+    assert kv_cache_bytes(str(tmp_path), "bfloat16", 3, 128) == 3 * 128 * 128 * 2
+
+
+def test_max_num_seqs_must_be_positive(tmp_path):
+    from rlhf_fast.rollout import VLLMEngine
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        VLLMEngine(str(tmp_path), max_num_seqs=0)

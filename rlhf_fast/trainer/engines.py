@@ -6,9 +6,11 @@ import os
 import sys
 
 
-def build_engine(kind: str, policy, tokenizer, model_dir: str | None, max_model_len: int, seed: int = 0):
+def build_engine(kind: str, policy, tokenizer, model_dir: str | None, max_model_len: int, seed: int = 0,
+                 max_num_seqs: int | None = None):
     """``kind``: ``auto`` | ``vllm`` | ``hf``. vLLM loads ``model_dir`` (the policy's initial weights; the
-    trainer syncs the learner's weights into it after every update); HF generates with ``policy`` itself."""
+    trainer syncs the learner's weights into it after every update); HF generates with ``policy`` itself.
+    ``max_num_seqs``: rollouts per generate call; sizes vLLM's KV cache on CPU (see VLLMEngine)."""
     if kind not in ("auto", "vllm", "hf"):
         raise ValueError(f"engine must be 'auto', 'vllm' or 'hf', got {kind!r}")
     have_vllm = importlib.util.find_spec("vllm") is not None
@@ -19,7 +21,7 @@ def build_engine(kind: str, policy, tokenizer, model_dir: str | None, max_model_
     if kind == "hf" or not have_vllm or model_dir is None:
         from rlhf_fast.rollout import HFEngine
         return HFEngine(policy, tokenizer, max_model_len=max_model_len)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # no INFO line per weight sync under the progress bar
     from rlhf_fast.rollout import VLLMEngine
-    return VLLMEngine(model_dir, tokenizer, max_model_len=max_model_len, dtype="float32", seed=seed)
+    return VLLMEngine(model_dir, tokenizer, max_model_len=max_model_len, dtype="float32", seed=seed,
+                      max_num_seqs=max_num_seqs)

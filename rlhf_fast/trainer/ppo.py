@@ -58,6 +58,7 @@ class Experience:
     advantages: torch.Tensor
     values: torch.Tensor | None
     returns: torch.Tensor | None
+    onpolicy_logp: torch.Tensor | None = None   # single pass: the update's own log-probs, micro-batch by micro-batch
 
 
 def decode_responses(tokenizer, batch: RolloutBatch) -> list[str]:
@@ -208,10 +209,10 @@ class PPOTrainer(Trainer):
         ids, attn, mask = batch.input_ids, batch.attention_mask, batch.response_mask
         resp_full = torch.cat([torch.zeros_like(batch.prompt_ids, dtype=torch.bool), mask], dim=1)
         self.policy.eval()
-        # One on-policy pass (1 epoch, 1 minibatch) without a reference: old_logp is the update's own
-        # forward, detached (the ratio is 1 with gradient), so the scoring forward is skipped (as TRL's GRPO).
-        single_pass = (not self.use_ref and cfg.ppo_epochs == 1 and cfg.minibatch_size >= len(batch)
-                       and cfg.grad_accum == 1)
+        # One on-policy pass (1 epoch, 1 minibatch: no optimizer step before any micro-batch's forward) without
+        # a reference: old_logp is the update's own forward, detached (the ratio is 1 with gradient), so the
+        # scoring forward is skipped (as TRL's GRPO).
+        single_pass = not self.use_ref and cfg.ppo_epochs == 1 and cfg.minibatch_size >= len(batch)
         old_logp = None if single_pass else self._logprobs(self.policy, ids, attn, resp_full, P)
         ref_logp = self._logprobs(self.ref_model, ids, attn, resp_full, P) if self.use_ref else old_logp
         values = self._values(ids, attn, P) if self.critic is not None else None
@@ -242,7 +243,7 @@ class PPOTrainer(Trainer):
         if old_logp is not None:
             stats.update(self._mismatch(batch.rollout_logprobs, old_logp, mask))
         exp = Experience(ids, attn, resp_full, mask, P, old_logp, batch.rollout_logprobs, advantages, values,
-                         returns)
+                         returns, torch.zeros_like(batch.rollout_logprobs) if single_pass else None)
         return exp, stats
 
     @staticmethod
@@ -267,7 +268,7 @@ class PPOTrainer(Trainer):
         stats = {}
         if exp.old_logp is None:
             old_logp = logp.detach()
-            stats.update(self._mismatch(exp.rollout_logp[rows], old_logp, mask))
+            exp.onpolicy_logp[rows] = old_logp
         else:
             old_logp = exp.old_logp[rows]
         loss, pstats = ops.ppo_policy_loss(
@@ -323,7 +324,10 @@ class PPOTrainer(Trainer):
                     self.critic_optimizer.step()
                 all_stats.append(stats)
         self.scheduler.step()
-        return _mean_stats(all_stats)
+        out = _mean_stats(all_stats)
+        if exp.old_logp is None:   # the mismatch over the whole batch, not a mean over micro-batches
+            out.update(self._mismatch(exp.rollout_logp, exp.onpolicy_logp, exp.mask))
+        return out
 
     def online_rm_round(self, step: int) -> dict:
         """Ziegler's online data collection: label best-of-4 samples of the current policy, retrain the RM."""
