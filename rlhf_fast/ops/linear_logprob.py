@@ -56,6 +56,11 @@ def default_tile(n_rows: int, vocab: int, device: torch.device, rows: int | None
     return max(rows, 1), max(1, min(vocab, cols))
 
 
+def _scratch(buf: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """A contiguous [n, m] view of the front of a tile buffer (narrow last tiles stay contiguous)."""
+    return buf.view(-1)[: n * m].view(n, m)
+
+
 def _tile_logits(h_c, weight, bias, softcap, v0, v1, out):
     """``z = h_c @ W[v0:v1]^T (+ b[v0:v1])``, soft-capped in place; written into ``out`` [n, v1 - v0]."""
     if bias is None:
@@ -75,7 +80,7 @@ def _slice_labels(labels, valid, v0, v1):
 
 
 def _tiled_forward(hidden, weight, bias, labels, temperature, ignore_index, need_entropy, softcap, tile,
-                     backend):
+                   backend):
     """Online merge of the per-slice statistics of each tile (``lse_s`` and ``H_s`` of the slice's softmax)::
 
         lse = logaddexp_s lse_s      mean_p(s) = sum_s e^(lse_s - lse) (lse_s - H_s)      H = lse - mean_p(s)
@@ -96,7 +101,7 @@ def _tiled_forward(hidden, weight, bias, labels, temperature, ignore_index, need
         mean_s = hidden.new_zeros(e - s, dtype=acc) if need_entropy else None
         for v0 in range(0, V, cols):
             v1 = min(v0 + cols, V)
-            z = _tile_logits(hidden[s:e], weight, bias, softcap, v0, v1, buf[: e - s, : v1 - v0])
+            z = _tile_logits(hidden[s:e], weight, bias, softcap, v0, v1, _scratch(buf, e - s, v1 - v0))
             local = _slice_labels(labels[s:e], valid[s:e], v0, v1)
             lp_s, h_s, lse_s = logprob_entropy_forward(z, local, temperature, -1, need_entropy, backend)
             s_y += torch.where(local < v1 - v0, lp_s + lse_s, 0.0)   # ignored rows (-1) are zeroed below
@@ -115,7 +120,7 @@ def _tiled_forward(hidden, weight, bias, labels, temperature, ignore_index, need
 
 
 def _tiled_backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, temperature,
-                      ignore_index, softcap, tile, backend, needs):
+                    ignore_index, softcap, tile, backend, needs):
     """Gradients for (hidden, weight, bias), each None unless ``needs`` asks for it. Each tile's dz depends
     only on the row's global lse and H (saved by the forward), so the tiles are independent::
 
@@ -139,11 +144,11 @@ def _tiled_backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_
         dh = hidden.new_zeros(e - s, hidden.shape[1], dtype=acc) if need_h else None
         for v0 in range(0, V, cols):
             v1 = min(v0 + cols, V)
-            z = _tile_logits(h_c, weight, bias, softcap, v0, v1, buf[: e - s, : v1 - v0])
+            z = _tile_logits(h_c, weight, bias, softcap, v0, v1, _scratch(buf, e - s, v1 - v0))
             dz = logprob_entropy_backward(
                 z, _slice_labels(labels[s:e], valid[s:e], v0, v1), lse[s:e],
                 None if grad_logp is None else grad_logp[s:e], None if grad_entropy is None else grad_entropy[s:e],
-                temperature, -1, backend, out=dbuf[: e - s, : v1 - v0],
+                temperature, -1, backend, out=_scratch(dbuf, e - s, v1 - v0),
                 entropy=None if entropy is None else entropy[s:e])
             if softcap is not None:  # d(c tanh(x / c))/dx = 1 - tanh^2 = 1 - (z / c)^2
                 dz.mul_(1 - (z / softcap).square_())
