@@ -22,6 +22,7 @@ from benchmarks.harness import is_ours, parse_size
 from benchmarks.suite import merge
 
 DEVICE_ORDER = {"cpu": 0, "cuda": 1}
+NO_HEADLINE = "(no case with both ours and a peer yet)"
 
 
 # ---------------------------------------------------------------- loading and ratios
@@ -323,7 +324,7 @@ def write_report(results_dir: pathlib.Path, md_path: pathlib.Path) -> list[str]:
              "matmul rate, whichever is larger; % of roofline = limit / median (above 100% the data stayed "
              "in cache, which the copy-bandwidth limit does not model).", "",
              "## Headline", ""]
-    lines += [f"- {h}" for h in heads] or ["- (no case with both ours and a peer yet)"]
+    lines += [f"- {h}" for h in heads] or [f"- {NO_HEADLINE}"]
     lines.append("")
     for device, res in latest.items():
         lines += device_section(device, res, results_dir, md_dir)
@@ -343,8 +344,7 @@ README_END = "<!-- /headlines -->"
 
 
 def headline_block(heads: list[str]) -> str:
-    return "\n".join([README_BEGIN, *[f"- {h}" for h in heads or ["(no case with both ours and a peer yet)"]],
-                      README_END])
+    return "\n".join([README_BEGIN, *[f"- {h}" for h in heads or [NO_HEADLINE]], README_END])
 
 
 def update_readme(readme: pathlib.Path, heads: list[str]) -> bool:
@@ -361,5 +361,5 @@ def update_readme(readme: pathlib.Path, heads: list[str]) -> bool:
 
 def print_headlines(heads: list[str]) -> None:
     print("Headline:")
-    for h in heads or ["(no case with both ours and a peer yet)"]:
+    for h in heads or [NO_HEADLINE]:
         print(f"- {h.replace('**', '')}")

@@ -106,9 +106,9 @@ class VLLMEngine(RolloutEngine):
             dtype = "float32" if not torch.cuda.is_available() else "auto"
         if max_num_seqs is not None:
             llm_kwargs["max_num_seqs"] = max_num_seqs
-            if (not torch.cuda.is_available() and "kv_cache_memory_bytes" not in llm_kwargs
-                    and not os.environ.get("VLLM_CPU_KVCACHE_SPACE")):
-                llm_kwargs["kv_cache_memory_bytes"] = kv_cache_bytes(model_dir, dtype, max_num_seqs, max_model_len)
+            if not torch.cuda.is_available():   # VLLM_CPU_KVCACHE_SPACE, when set, still wins inside vllm-cpu
+                llm_kwargs.setdefault("kv_cache_memory_bytes",
+                                      kv_cache_bytes(model_dir, dtype, max_num_seqs, max_model_len))
         self.multiprocess = multiprocess
         self.seed = seed
         self.weight_transfer = weight_transfer
