@@ -1,0 +1,64 @@
+"""A rollout engine in its own process (a Ray actor): vLLM (HF ``generate`` as fallback) + the weight channel.
+
+The engine joins the weight channel as rank ``1 + e`` (learner rank 0 sends) and loads each received bucket
+in place: vLLM through the worker extension's ``reload_weights`` (whole layers per call, as the buckets are),
+HF by ``load_state_dict(strict=False)`` (a tied head follows its embedding). ``weight_version`` is the version
+the last sync carried; a sync carrying another version than the driver announced raises
+:class:`rlhf_fast.distributed.channel.WeightVersionError` and leaves the weights untouched.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from rlhf_fast.distributed.channel import WeightChannel
+from rlhf_fast.rollout import RolloutBatch
+
+
+class EngineWorker:
+    """``EngineWorker(model_dir, kind="vllm", max_model_len=256, seed=0, max_num_seqs=None)``."""
+
+    def __init__(self, model_dir: str, kind: str = "vllm", max_model_len: int = 256, seed: int = 0,
+                 max_num_seqs: int | None = None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from rlhf_fast.trainer.engines import build_engine
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        hf = None
+        if kind == "hf":
+            hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.engine = build_engine(kind, hf, tokenizer, model_dir, max_model_len, seed=seed,
+                                   max_num_seqs=max_num_seqs)
+        self.is_vllm = hasattr(self.engine, "llm")
+        self.channel: WeightChannel | None = None
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def join_channel(self, host: str, port: int, rank: int, world: int, backend: str = "gloo") -> None:
+        self.channel = WeightChannel(host, port, rank, world, backend=backend)
+
+    def receive_weights(self, expected_version: int) -> int:
+        """Load the sync the learner is broadcasting; returns the new ``weight_version``."""
+        if self.channel is None:
+            raise RuntimeError("join_channel before receive_weights")
+        for bucket in self.channel.receive(expected_version):
+            if self.is_vllm:
+                self.engine.send_bucket(bucket)
+            else:
+                self.engine.model.load_state_dict(dict(bucket), strict=False)
+        if self.is_vllm:
+            from rlhf_fast.rollout import vllm_compat
+            vllm_compat.reset_prefix_cache(self.engine.llm)
+        self.engine._weight_version = expected_version   # the base class's counter: the version the sync carried
+        return expected_version
+
+    def weight_version(self) -> int:
+        return self.engine.weight_version
+
+    def generate(self, prompt_ids: list[list[int]], **sampling) -> RolloutBatch:
+        return self.engine.generate(prompt_ids, **sampling)
+
+    def close(self) -> None:
+        self.engine.close()

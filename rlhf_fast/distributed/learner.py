@@ -1,0 +1,229 @@
+"""One learner rank: FSDP2-sharded policy (+ frozen reference, + critic), data-parallel scoring and update.
+
+Sharding (each model): ``fully_shard`` on every decoder layer, then on the root. The policy's root is a thin
+wrapper whose ``forward`` is :func:`rlhf_fast.models.policy_logprobs.policy_logprobs`, so the root's hooks unshard
+the embedding, final norm and lm_head that the fused log-prob op reads directly (tied embeddings stay tied).
+
+Per iteration, on every rank (the driver calls all ranks at once; all run the same collectives)::
+
+    make_experience   rows r of the batch -> old_logp, ref_logp, V on r -> all-gather -> advantages on the
+                      whole batch (rlhf_fast.distributed.experience; identical on every rank)
+    update            epochs x minibatches (same permutation on every rank); minibatch M -> this rank's rows
+                      M_r (x grad_accum micro-batches) -> backward of W * L_r (rlhf_fast.distributed.objective)
+                      -> FSDP2 reduce-scatter (mean) -> clip_grad_norm_ -> AdamW
+    sync_weights(v)   per bucket of whole layers: full_tensor() of each shard (a collective over learners),
+                      rank 0 broadcasts it over the weight channel (rlhf_fast.distributed.channel)
+"""
+from __future__ import annotations
+
+import copy
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+
+from rlhf_fast import ops
+from rlhf_fast.distributed.channel import WeightChannel
+from rlhf_fast.distributed.experience import advantages, all_gather_rows, shard_rows
+from rlhf_fast.distributed.objective import shard_objective
+from rlhf_fast.models.policy_logprobs import policy_logprobs
+from rlhf_fast.models.value_model import ValueModel, base_model
+from rlhf_fast.rollout import RolloutBatch, logprob_mismatch
+from rlhf_fast.rollout.weight_sync import engine_weights, plan_buckets
+from rlhf_fast.trainer.base import make_optimizer, step_seed
+
+SHARE_KEYS = ("policy_loss", "value_loss", "entropy")   # rank shares of a minibatch total: summed over ranks
+
+
+class ScoredLM(nn.Module):
+    """FSDP2 root around a causal LM: ``forward(ids, attn, response_mask_full) -> logp [, entropy]`` ``[B, L]``."""
+
+    def __init__(self, module: nn.Module, temperature: float):
+        super().__init__()
+        self.module, self.temperature = module, temperature
+
+    def forward(self, input_ids, attention_mask, response_mask, entropy: bool = False):
+        return policy_logprobs(self.module, input_ids, attention_mask, response_mask, temperature=self.temperature,
+                               return_entropy=entropy)
+
+
+def shard_model(root: nn.Module, layers) -> nn.Module:
+    """``fully_shard`` each decoder layer, then ``root`` (which then owns embeddings, norm, head)."""
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(root)
+    return root
+
+
+def _item(t) -> float:
+    """A 0-dim tensor or DTensor (clip_grad_norm_ of FSDP2 parameters) as a float."""
+    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
+
+
+def init_learner_group(rank: int, world: int, port: int, host: str = "127.0.0.1", backend: str = "gloo") -> None:
+    """The learners' default process group (FSDP2's), rendezvous over TCP at ``host:port``."""
+    if host in ("127.0.0.1", "localhost"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=600))
+
+
+class Learner:
+    """``Learner(model_dir, cfg, critic_state=None)``: this process's rank of the learner group
+    (:func:`init_learner_group` first).
+
+    ``cfg`` a :class:`rlhf_fast.trainer.config.PPOConfig` (critic="separate" only); ``critic_state`` an initial
+    critic state dict (e.g. from a reward model; default: a copy of the policy backbone with a fresh head).
+    """
+
+    def __init__(self, model_dir: str, cfg, critic_state: dict | None = None):
+        from transformers import AutoModelForCausalLM
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if cfg.critic != "separate" and cfg.estimator == "gae":
+            raise ValueError("distributed PPO supports critic='separate' only")
+        if cfg.minibatch_size < world * cfg.grad_accum:
+            raise ValueError(f"minibatch_size ({cfg.minibatch_size}) must be >= learners x grad_accum "
+                             f"({world} x {cfg.grad_accum}): every rank needs a row per micro-batch")
+        self.rank, self.world, self.cfg = rank, world, cfg
+        self.version = 0
+        self.channel: WeightChannel | None = None
+        self.exp: dict | None = None
+        torch.manual_seed(cfg.seed)
+
+        def load():
+            return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        hf = load()
+        self.use_ref = cfg.kl_coef > 0 or cfg.kl_target is not None
+        self.critic = None
+        if cfg.estimator == "gae":
+            self.critic = ValueModel(copy.deepcopy(base_model(hf)))
+            if critic_state is not None:
+                self.critic.load_state_dict(critic_state)
+            shard_model(self.critic, self.critic.backbone.layers)
+        self.policy = shard_model(ScoredLM(hf, cfg.temperature), base_model(hf).layers)
+        self.ref = None
+        if self.use_ref:
+            ref = load().requires_grad_(False).eval()
+            self.ref = shard_model(ScoredLM(ref, cfg.temperature), base_model(ref).layers)
+        self.optimizer, self.scheduler = make_optimizer(self.policy.parameters(), cfg.lr, cfg.warmup_steps)
+        self.critic_optimizer = make_optimizer(self.critic.parameters(), cfg.critic_lr)[0] if self.critic else None
+
+    # -- weight channel -----------------------------------------------------------------------------
+    def join_channel(self, host: str, port: int, world: int, backend: str = "gloo") -> None:
+        """Rank 0 becomes rank 0 (sender) of the weight channel; other ranks have nothing to join."""
+        if self.rank == 0:
+            self.channel = WeightChannel(host, port, 0, world, backend=backend)
+
+    def sync_weights(self, dtype: torch.dtype = torch.float32, bucket_bytes: int = 256 * 2**20) -> int:
+        """Gather the full policy bucket by bucket and broadcast it to the engines; returns the version sent."""
+        named = engine_weights(self.policy.module, dtype)
+        buckets = plan_buckets(named, bucket_bytes)
+        if self.rank == 0:
+            if self.channel is None:
+                raise RuntimeError("join_channel first: learner rank 0 has no weight channel")
+            self.channel.send_plan(self.version, [[(n, list(t.shape)) for n, t in b] for b in buckets], dtype)
+        for bucket in buckets:
+            full = [(n, t.full_tensor() if hasattr(t, "full_tensor") else t) for n, t in bucket]
+            if self.rank == 0:
+                self.channel.send_bucket(full)
+        return self.version
+
+    def full_state_dict(self) -> dict:
+        """The policy's full HF state dict (rank 0; empty elsewhere), gathered to CPU."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        sd = get_model_state_dict(self.policy.module,
+                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return sd if self.rank == 0 else {}
+
+    # -- experience -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def make_experience(self, batch: RolloutBatch, scores: torch.Tensor, kl_coef: float) -> dict:
+        """Score this rank's rows, gather, compute advantages on the whole batch; returns the trainer's stats."""
+        cfg, B = self.cfg, len(batch)
+        P = batch.prompt_length
+        ids, attn, mask = batch.input_ids, batch.attention_mask, batch.response_mask
+        full = torch.cat([torch.zeros_like(batch.prompt_ids, dtype=torch.bool), mask], dim=1)
+        rows = shard_rows(B, self.world, self.rank)
+
+        def gather(model, fn):
+            model.eval()
+            return all_gather_rows(fn(model, ids[rows], attn[rows], full[rows]), B)
+        old_logp = gather(self.policy, lambda m, i, a, f: m(i, a, f)[:, P:])
+        ref_logp = gather(self.ref, lambda m, i, a, f: m(i, a, f)[:, P:]) if self.ref is not None else None
+        values = gather(self.critic, lambda m, i, a, f: m(i, a)[:, P - 1:-1]) if self.critic is not None else None
+        out = advantages(cfg, scores, mask, old_logp, ref_logp, values, kl_coef)
+        self.exp = dict(ids=ids, attn=attn, full=full, mask=mask, P=P, old_logp=old_logp, values=values,
+                        rollout_logp=batch.rollout_logprobs, advantages=out["advantages"], returns=out["returns"])
+        stats = {"score": scores.mean().item(), "score_std": scores.std().item() if B > 1 else 0.0,
+                 "kl": ops.masked_sum(out["kl"], mask, dim=1).mean().item(), "kl_coef": kl_coef,
+                 "response_length": mask.sum(1).float().mean().item(),
+                 "truncated_frac": batch.truncated.float().mean().item(),
+                 "advantage_mean": ops.masked_mean(out["advantages"], mask).item()}
+        if values is not None:
+            stats["value_mean"] = ops.masked_mean(values, mask).item()
+        stats.update({f"mismatch_{k}": float(v)
+                      for k, v in logprob_mismatch(batch.rollout_logprobs, old_logp, mask).items()})
+        return stats
+
+    # -- update ---------------------------------------------------------------------------------------
+    def _micro_loss(self, rows: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        cfg, e = self.cfg, self.exp
+        ids, attn, full, mask, P = e["ids"][rows], e["attn"][rows], e["full"][rows], e["mask"][rows], e["P"]
+        want_entropy = cfg.entropy_coef > 0 or cfg.log_entropy
+        out = self.policy(ids, attn, full, entropy=want_entropy)
+        logp, entropy = (out[0][:, P:], out[1][:, P:]) if want_entropy else (out[:, P:], None)
+        critic = {}
+        if self.critic is not None:
+            critic = dict(values=self.critic(ids, attn)[:, P - 1:-1], old_values=e["values"][rows],
+                          returns=e["returns"][rows])
+        return shard_objective(cfg, logp, e["old_logp"][rows], e["advantages"][rows], mask, e["rollout_logp"][rows],
+                               entropy=entropy, **critic)
+
+    def update(self, step: int) -> dict:
+        """PPO epochs x minibatches over the stored experience; all ranks step identically. Returns mean stats."""
+        if self.exp is None:
+            raise RuntimeError("make_experience before update")
+        cfg = self.cfg
+        B = self.exp["ids"].shape[0]
+        self.policy.train()
+        per_minibatch = []
+        for epoch in range(cfg.ppo_epochs):
+            g = torch.Generator().manual_seed(step_seed(cfg.seed, step, salt=epoch + 1))
+            for mb in torch.randperm(B, generator=g).split(cfg.minibatch_size):
+                if len(mb) < self.world * cfg.grad_accum:
+                    raise ValueError(f"a minibatch of {len(mb)} rows cannot feed {self.world} ranks x "
+                                     f"{cfg.grad_accum} micro-batches (batch rows {B}, minibatch_size "
+                                     f"{cfg.minibatch_size})")
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.critic_optimizer is not None:
+                    self.critic_optimizer.zero_grad(set_to_none=True)
+                sums: dict[str, float] = {}
+                for micro in mb.tensor_split(self.world)[self.rank].tensor_split(cfg.grad_accum):
+                    loss, stats = self._micro_loss(micro)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"non-finite loss at step {step} on learner rank {self.rank}")
+                    (loss * self.world).backward()
+                    for k, v in stats.items():
+                        sums[k] = sums.get(k, 0.0) + float(v) / (1 if k in SHARE_KEYS else cfg.grad_accum)
+                stats = self._reduce_stats(sums)
+                stats["grad_norm"] = _item(torch.nn.utils.clip_grad_norm_(self.policy.parameters(),
+                                                                          cfg.max_grad_norm))
+                self.optimizer.step()
+                if self.critic_optimizer is not None:
+                    torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.max_grad_norm)
+                    self.critic_optimizer.step()
+                per_minibatch.append(stats)
+        self.scheduler.step()
+        self.version += 1
+        return {k: sum(s[k] for s in per_minibatch) / len(per_minibatch) for k in per_minibatch[0]}
+
+    def _reduce_stats(self, local: dict[str, float]) -> dict[str, float]:
+        """Shares summed over ranks, means averaged over ranks."""
+        keys = sorted(local)
+        t = torch.tensor([local[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(t)
+        return {k: float(v) / (1 if k in SHARE_KEYS else self.world) for k, v in zip(keys, t)}
+
