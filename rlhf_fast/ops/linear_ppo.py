@@ -1,0 +1,303 @@
+"""The clipped PPO objective straight from hidden states, its gradients computed in the forward.
+
+For hidden states h [B, T, H], lm_head weight W [V, H] (optional bias b [V]), labels y, old log-probs, advantages
+A and a mask m, all [B, T]; per valid token n (the valid tokens packed, in row-major order)::
+
+    z_n    = c * tanh((h_n @ W^T + b) / c)             [V]   (soft cap only with ``softcap=c``)
+    logp_n = log softmax(z_n / temperature)[y_n]           H_n = entropy of softmax(z_n / temperature)
+    pg_n   = the clipped surrogate of rlhf_fast.ops.policy_loss (ratio, clip, dual clip, truncated IS)
+    w_n    = loss_scale * s_b(n)                       s_b: the ``agg`` mode's row scale (rlhf_fast.ops.agg)
+    loss   = sum_n w_n * (pg_n - entropy_coef * H_n)
+
+Every term is a per-token function of (logp_n, H_n), so the upstream gradient of each token is known in the
+forward: ``g_logp = w_n * d pg_n / d logp_n``, ``g_H = -entropy_coef * w_n``. One sweep over blocks of rows
+(each block's logits whole, ``rows x V``) therefore does everything::
+
+    z   = h[rows] @ W^T (+ b, soft cap)                                  2 rows H V FLOPs
+    logp, H, lse of each row;  g_logp, g_H                               (the log-prob and policy-loss kernels)
+    dz  = (g_logp (1[j = y] - p) - g_H p (log p + H)) / temperature      in place over the block's logits
+          (* (1 - (z / c)^2) with softcap)
+    dh[rows] = dz @ W      dW += dz^T @ h[rows]      db += sum_rows dz   4 rows H V FLOPs
+
+and the backward only multiplies the stored (dh, dW, db) by the upstream scalar: 6 N H V FLOPs for forward plus
+backward, where ``linear_logprobs`` + ``ppo_policy_loss`` need 8 (their backward recomputes the logits). Memory
+beyond inputs, outputs and gradients: one block of logits (64 MiB of fp32 on CPU by default; twice that with a
+soft cap), never [N, V]. Masked tokens (and tokens whose label is ``ignore_index``) are dropped before the
+lm_head: no FLOPs, no gradient.
+
+Stats: those of ``ppo_policy_loss`` over the valid tokens (clipfrac, clipfrac_lower, approx_kl, ratio_mean/max/min,
+tis_weight_mean/tis_clipfrac), plus ``entropy`` (mean H) when it is computed.
+
+Backends: ``torch`` is the reference (explicit [N, V] logits, plain autograd; float64 capable); ``native``
+(CPU: torch.mm tiles + the C++ log-prob and policy-loss kernels) and ``triton`` (CUDA: cuBLAS tiles + the Triton
+log-prob and policy-loss kernels) run the fused sweep above. ``agg="none"`` has no scalar loss, so no fused form:
+use ``linear_logprobs`` + ``ppo_policy_loss`` there.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rlhf_fast._backend import resolve_backend
+from rlhf_fast._validation import check_choice, check_in_range, check_mask, check_positive, check_same_device, \
+    check_same_shape, check_tensor
+from rlhf_fast.ops.agg import AGG_MODES, row_scale
+from rlhf_fast.ops.linear_logprob import _TILE_ELEMS, _check_args, _scratch, _tile_logits
+from rlhf_fast.ops.logprob import logprob_entropy_backward, logprob_entropy_forward, logprob_entropy_torch
+from rlhf_fast.ops.policy_loss import _NO_DUAL_CLIP, _launch_forward, _stats_from_parts, policy_loss_torch
+
+__all__ = ["linear_ppo_objective", "default_block_rows"]
+
+FUSED_AGG_MODES = tuple(a for a in AGG_MODES if a != "none")
+
+
+def default_block_rows(n_rows: int, vocab: int, device: torch.device, softcap: bool = False) -> int:
+    """Rows of one block of whole-vocabulary logits: the logits tile budget of ``linear_logprobs`` (16M elements
+    on CPU, 256M on GPU; half with a soft cap, which keeps z beside dz) over V, at least 1, at most ``n_rows``."""
+    budget = _TILE_ELEMS.get(device.type, _TILE_ELEMS["cpu"]) // (2 if softcap else 1)
+    return max(1, min(n_rows, budget // max(vocab, 1)))
+
+
+# ----------------------------------------------------------------------------------------- reference
+def linear_ppo_torch(hidden, weight, bias, labels, old_logp, advantages, w, rollout_logp, clip, entropy_coef,
+                     temperature, softcap, need_entropy):
+    """The module-docstring objective with explicit logits and plain autograd, on packed tokens ([n, H], [n]).
+    Returns ``(loss, stats, logp)``; computes in float64 for float64 inputs, else fp32."""
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    z = hidden.to(acc) @ weight.to(acc).t()
+    if bias is not None:
+        z = z + bias.to(acc)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    logp, entropy, _ = logprob_entropy_torch(z, labels, temperature, -1, need_entropy)
+    old = logp.detach() if old_logp is None else old_logp
+    ones = torch.ones_like(labels, dtype=torch.bool)[None]
+    clip_low, clip_high, dual_clip, tis_cap = clip
+    loss, stats = policy_loss_torch(logp[None], old[None], advantages[None], ones, clip_low, clip_high, dual_clip,
+                                    "token-sum", None if rollout_logp is None else rollout_logp[None], tis_cap,
+                                    w[None], dtype=acc)
+    if need_entropy:
+        loss = loss - entropy_coef * (w.to(acc) * entropy).sum()
+        stats["entropy"] = entropy.detach().mean() if entropy.numel() else entropy.new_zeros(())
+    return loss, stats, logp.detach()
+
+
+# ----------------------------------------------------------------------------------------- fused sweep
+def _policy_block(backend, tensors, params, need_grad):
+    """Per-token policy loss of one block of packed tokens (``tensors`` = logp, old, adv, mask, rollout, w as
+    [1, n], w the token weights): ``(parts [1, 10] with parts[0, 0] = sum w pg, g_logp = w d pg / d logp [n])``."""
+    if backend == "native":
+        parts, _, dtok = _launch_forward("native", tensors, params, False, need_grad)
+        return parts, None if dtok is None else dtok[0]
+    from rlhf_fast.kernels.policy_loss import policy_loss_backward_triton, policy_loss_forward_triton  # noqa: PLC0415
+    parts, _ = policy_loss_forward_triton(*tensors, *params, False)
+    if not need_grad:
+        return parts, None
+    return parts, policy_loss_backward_triton(*tensors, parts.new_ones(1), *params)[0]
+
+
+def _fused_sweep(hidden, weight, bias, labels, old_logp, advantages, w, rollout_logp, params, entropy_coef,
+                 temperature, softcap, need_entropy, rows, backend, needs):
+    """The one sweep of the module docstring over packed tokens. Returns
+    ``(loss, parts [blocks, 10], entropy_sum, logp [n], (dh, dW, db) with None where not needed)``."""
+    n, V = hidden.shape[0], weight.shape[0]
+    need_h, need_w, need_b = needs
+    need_grad = any(needs)
+    acc = torch.float32
+    logp = hidden.new_empty(n, dtype=acc)
+    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    grad_b = torch.zeros(V, dtype=acc, device=weight.device) if need_b else None
+    loss = hidden.new_zeros((), dtype=acc)
+    ent_sum = hidden.new_zeros((), dtype=acc)
+    buf = hidden.new_empty(min(rows, max(n, 1)), V)
+    dbuf = hidden.new_empty(buf.shape) if softcap is not None and need_grad else buf
+    ones = torch.ones(1, min(rows, max(n, 1)), dtype=torch.bool, device=hidden.device)
+    all_parts = []
+    for s in range(0, n, rows):
+        e = min(s + rows, n)
+        h_c, y_c, w_c = hidden[s:e], labels[s:e], w[s:e]
+        z = _tile_logits(h_c, weight, bias, softcap, 0, V, _scratch(buf, e - s, V))
+        lp, ent, lse = logprob_entropy_forward(z, y_c, temperature, -1, need_entropy, backend)
+        lp.clamp_(max=0.0)
+        logp[s:e] = lp
+        old = lp if old_logp is None else old_logp[s:e]
+        tensors = (lp[None], old[None], advantages[s:e][None], ones[:, : e - s],
+                   None if rollout_logp is None else rollout_logp[s:e][None], w_c[None])
+        parts, g_logp = _policy_block(backend, tensors, params, need_grad)
+        all_parts.append(parts)
+        loss += parts[0, 0]
+        if need_entropy:
+            ent.clamp_(min=0.0)
+            ent_sum += ent.sum()
+            if entropy_coef:
+                loss -= entropy_coef * (w_c * ent).sum()
+        if not need_grad:
+            continue
+        g_ent = w_c * -entropy_coef if entropy_coef else None
+        dz = logprob_entropy_backward(z, y_c, lse, g_logp, g_ent, temperature, -1, backend,
+                                      out=_scratch(dbuf, e - s, V), entropy=ent)
+        if softcap is not None:   # d(c tanh(x / c))/dx = 1 - (z / c)^2, z no longer needed: computed in place
+            dz.mul_(z.div_(softcap).square_().neg_().add_(1.0))
+        if need_h:
+            torch.mm(dz, weight, out=grad_h[s:e])
+        if need_w:
+            if weight.dtype == acc:
+                grad_w.addmm_(dz.t(), h_c)
+            else:
+                grad_w += torch.mm(dz.t(), h_c)
+        if need_b:
+            grad_b += dz.sum(0, dtype=acc)
+    parts = torch.cat(all_parts) if all_parts else hidden.new_zeros(1, 10, dtype=acc)
+    return loss, parts, ent_sum, logp, (grad_h, grad_w, grad_b)
+
+
+class _LinearPPOFunction(torch.autograd.Function):
+    """Outputs (loss, parts, entropy_sum, logp); the last three carry no gradient. The forward computes and keeps
+    the gradients of the loss; the backward scales them by the upstream gradient (once: they are handed over)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, idx, labels, old_logp, advantages, w, rollout_logp, args, needs):
+        packed = hidden if idx is None else hidden.index_select(0, idx)
+        loss, parts, ent_sum, logp, grads = _fused_sweep(packed, weight, bias, labels, old_logp, advantages, w,
+                                                         rollout_logp, *args, needs)
+        grad_h, grad_w, grad_b = grads
+        if grad_h is not None and idx is not None:
+            grad_h = hidden.new_zeros(hidden.shape).index_copy_(0, idx, grad_h)
+        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                     None if grad_b is None else grad_b.to(bias.dtype))
+        ctx.mark_non_differentiable(parts, ent_sum, logp)
+        return loss, parts, ent_sum, logp
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        if ctx.grads is None:
+            raise RuntimeError("linear_ppo_objective computes its gradients in the forward and hands them over in "
+                               "the first backward; a second backward through it (retain_graph) is not supported")
+        grads, ctx.grads = ctx.grads, None
+        if grad_loss.device.type != "cpu" or grad_loss.item() != 1.0:   # CPU: skip the multiply by 1
+            grads = tuple(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads)
+        return (*grads, *(None,) * 8)
+
+
+# ----------------------------------------------------------------------------------------- public op
+def _check_policy_args(old_logp, advantages, mask, rollout_logp, labels, clip_low, clip_high, dual_clip, tis_cap,
+                       entropy_coef, agg, loss_scale):
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be [B, T], got shape {tuple(labels.shape)}")
+    for name, t in (("old_logp", old_logp), ("advantages", advantages), ("rollout_logp", rollout_logp)):
+        if t is not None:
+            check_tensor(name, t, floating=True)
+            check_same_shape(name, t, "labels", labels)
+    mask = check_mask("mask", mask, labels.shape)
+    check_in_range("clip_low", clip_low, 0.0, 1.0)
+    check_in_range("clip_high", clip_high, 0.0, math.inf)
+    if dual_clip is not None and not (isinstance(dual_clip, (int, float)) and dual_clip > 1):
+        raise ValueError(f"dual_clip must be None or a number > 1, got {dual_clip!r}")
+    if tis_cap is not None:
+        if rollout_logp is None:
+            raise ValueError("tis_cap needs rollout_logp (the truncated IS weight is exp(old_logp - rollout_logp))")
+        check_in_range("tis_cap", tis_cap, 1e-30, math.inf)
+    check_in_range("entropy_coef", entropy_coef, -math.inf, math.inf)
+    if agg == "none":
+        raise ValueError("agg='none' has no scalar loss to fuse; use linear_logprobs + ppo_policy_loss")
+    check_choice("agg", agg, FUSED_AGG_MODES)
+    if isinstance(loss_scale, torch.Tensor):
+        if loss_scale.numel() != 1:
+            raise ValueError(f"loss_scale must be a number or a 1-element tensor, got shape {tuple(loss_scale.shape)}")
+    elif not isinstance(loss_scale, (int, float)) or not math.isfinite(loss_scale):
+        raise ValueError(f"loss_scale must be a finite number or a 1-element tensor, got {loss_scale!r}")
+    return mask
+
+
+def linear_ppo_objective(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         old_logp: torch.Tensor | None, advantages: torch.Tensor, mask: torch.Tensor, *,
+                         bias: torch.Tensor | None = None, clip_low: float = 0.2, clip_high: float = 0.2,
+                         dual_clip: float | None = None, entropy_coef: float = 0.0, agg: str = "token-mean",
+                         loss_scale: float | torch.Tensor = 1.0, temperature: float = 1.0,
+                         softcap: float | None = None, rollout_logp: torch.Tensor | None = None,
+                         tis_cap: float | None = None, ignore_index: int = -100, return_entropy: bool = False,
+                         return_logp: bool = False, chunk_size: int | None = None, backend: str = "auto"):
+    """Clipped PPO policy loss minus the entropy bonus, from hidden states; see the module docstring.
+
+    Args:
+        hidden: [B, T, H] fp32/bf16/fp16 (fp64 on backend="torch"): the states whose next token is ``labels``.
+        weight: [V, H] lm_head weight, hidden's dtype. hidden, weight and bias are differentiable.
+        labels: [B, T] token ids in [0, V) at valid positions; ``ignore_index`` marks a position invalid.
+        old_logp: [B, T] behaviour log-probs, or None for the on-policy pass (old = logp.detach(): ratio 1).
+        advantages, mask: [B, T]; mask bool or {0, 1}.
+        clip_low, clip_high, dual_clip, rollout_logp, tis_cap: as ``ppo_policy_loss``.
+        entropy_coef: the entropy bonus weight c in ``loss = sum w (pg - c H)``.
+        agg: an aggregation mode of rlhf_fast.ops.agg except "none" (the row scales ``s_b`` come from ``mask``).
+        loss_scale: a factor on the whole loss (e.g. ``ops.agg.global_batch_scale`` for a micro-batch); it is
+            known in the forward, which computes the gradients.
+        temperature, softcap: as ``linear_logprobs``.
+        return_entropy: compute H and report its mean in ``stats["entropy"]`` even when entropy_coef is 0.
+        return_logp: also return the per-token log-probs [B, T] fp32 (detached; 0 at invalid positions).
+        chunk_size: tokens per block of whole-vocabulary logits (default :func:`default_block_rows`).
+        backend: "auto" | "triton" | "native" | "torch".
+    Returns:
+        ``(loss, stats)`` or ``(loss, stats, logp)``: loss a 0-dim fp32 tensor (float64 for float64 inputs on the
+        torch backend), stats a dict of detached 0-dim tensors.
+    """
+    check_tensor("hidden", hidden, floating=True, ndim=3)
+    labels1d, bad = _check_args(hidden, weight, labels, bias, softcap, chunk_size, None, ignore_index)
+    mask = _check_policy_args(old_logp, advantages, mask, rollout_logp, labels, clip_low, clip_high, dual_clip,
+                              tis_cap, entropy_coef, agg, loss_scale)
+    check_same_device({"hidden": hidden, "old_logp": old_logp, "advantages": advantages, "mask": mask,
+                       "rollout_logp": rollout_logp})
+    temperature = check_positive("temperature", temperature)
+    backend = resolve_backend(backend, hidden)
+    if hidden.dtype == torch.float64 and backend != "torch":
+        raise TypeError("float64 hidden states run on backend='torch' only (the checkable reference)")
+
+    B, T, H = hidden.shape
+    valid = mask & (labels != ignore_index)
+    counts = valid.sum(-1).to(torch.float32)
+    w_rows = row_scale(counts, T, agg) * (loss_scale if isinstance(loss_scale, torch.Tensor) else float(loss_scale))
+    flat_valid = valid.reshape(-1)
+    all_valid = bool(flat_valid.all())
+    idx = None if all_valid else flat_valid.nonzero().squeeze(-1)
+
+    def pack(t, dtype=torch.float32):
+        if t is None:
+            return None
+        t = t.reshape(-1) if idx is None else t.reshape(-1).index_select(0, idx)
+        return t.to(dtype).contiguous()
+
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    w = pack(w_rows[:, None].expand(B, T), acc)
+    labels_p = labels1d if idx is None else labels1d.index_select(0, idx)
+    old_p, adv_p, rlp_p = pack(old_logp, acc), pack(advantages, acc), pack(rollout_logp, acc)
+    clip = (float(clip_low), float(clip_high), None if dual_clip is None else float(dual_clip), tis_cap)
+    need_entropy = bool(return_entropy) or entropy_coef != 0
+    softcap = None if softcap is None else float(softcap)
+    hidden2d = hidden.reshape(B * T, H)
+
+    if backend == "torch":
+        packed = hidden2d if idx is None else hidden2d.index_select(0, idx)
+        loss, stats, logp = linear_ppo_torch(packed, weight, bias, labels_p, old_p, adv_p, w, rlp_p, clip,
+                                             float(entropy_coef), temperature, softcap, need_entropy)
+    else:
+        grad_on = torch.is_grad_enabled()
+        needs = tuple(grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias))
+        params = (float(clip_low), float(clip_high), _NO_DUAL_CLIP if dual_clip is None else float(dual_clip),
+                  math.inf if tis_cap is None else float(tis_cap))
+        rows = chunk_size or default_block_rows(labels_p.numel(), weight.shape[0], hidden.device,
+                                                softcap is not None)
+        args = (params, float(entropy_coef), temperature, softcap, need_entropy, rows, backend)
+        if hidden2d.stride(-1) != 1:
+            hidden2d = hidden2d.contiguous()
+        loss, parts, ent_sum, logp = _LinearPPOFunction.apply(
+            hidden2d, weight, bias, idx, labels_p.contiguous(), old_p, adv_p, w, rlp_p, args, needs)
+        stats = _stats_from_parts(parts, rollout_logp is not None)
+        if need_entropy:
+            stats["entropy"] = ent_sum / max(labels_p.numel(), 1)
+    if bad is not None:   # CUDA / compiled: out-of-range labels poison the loss instead of a device sync
+        loss = torch.where(bad.any(), float("nan"), loss)
+    if not return_logp:
+        return loss, stats
+    full = logp.new_zeros(B * T)
+    full = full.masked_scatter(flat_valid, logp) if idx is not None else logp
+    return loss, stats, full.view(B, T)
