@@ -1,38 +1,170 @@
-"""Dataclass configs, loadable from YAML and overridable from the command line.
+"""Dataclass configs, loadable from YAML and overridable from the command line, validated when built.
 
 Precedence: dataclass defaults < YAML file < ``--key value`` overrides. Nested configs use dotted keys
 (``--ppo.lr 1e-5``); ``--key=value`` works too; dashes in keys read as underscores. Unknown keys raise
-:class:`ConfigError` naming the key and the valid ones.
+:class:`ConfigError` naming the key.
+
+Every field is declared with :func:`key`, which records a one-line help text and its constraints::
+
+    lr: float = key(1e-3, "learning rate (AdamW)", gt=0)
+    estimator: str = key("gae", "advantage estimator", choices=lambda: ESTIMATORS)   # a callable: read lazily
+
+and every config checks all its fields (type, bounds ``ge``/``gt``/``le``/``lt``, ``choices``) in
+``__post_init__``, then its cross-field rules (:meth:`Config.check`), so a config that exists is valid; a
+violation is a :class:`ConfigError` naming the (dotted) key. ``rlhf-fast CMD --help`` lists the same
+metadata (:func:`describe`).
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
+import math
 import types
 import typing
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import yaml
 
+from rlhf_fast.checks import check_file
+
 
 class ConfigError(ValueError):
-    pass
+    """A bad config value or key. ``key``: the dotted key (``None`` for a whole-file problem)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        self.key, self.message = key, message
+        super().__init__(f"config key {key!r} {message}" if key is not None else message)
+
+    def under(self, prefix: str) -> "ConfigError":
+        """The same error with its key inside the nested config ``prefix`` (``"ppo."``)."""
+        return ConfigError(self.message, prefix + self.key) if self.key is not None and prefix else self
 
 
+BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
+          "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+
+
+def key(default: Any = dataclasses.MISSING, help: str = "", *, choices: Iterable | Callable[[], Iterable] | None = None,
+        default_factory: Callable[[], Any] | None = None, **bounds: float):
+    """A config field: ``default`` (or ``default_factory``), a one-line ``help``, optional ``choices`` (an
+    iterable, or a callable returning one, called when checked) and bounds ``ge``/``gt``/``le``/``lt``
+    (numbers; ``None`` always passes for ``X | None`` fields)."""
+    unknown = set(bounds) - set(BOUNDS)
+    if unknown:
+        raise TypeError(f"key(): unknown bound(s) {sorted(unknown)}; use {sorted(BOUNDS)}")
+    meta = {"help": help, "choices": choices, "bounds": bounds}
+    if default_factory is not None:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def choices_of(field: dataclasses.Field) -> tuple | None:
+    c = field.metadata.get("choices")
+    return tuple(c() if callable(c) else c) if c is not None else None
+
+
+@functools.cache
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _fields(cls) -> dict[str, Any]:
+    hints = _hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _optional(typ) -> tuple[Any, bool]:
+    """``X | None`` -> ``(X, True)``; anything else -> ``(typ, False)``."""
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(typ))
+    return typ, False
+
+
+def type_name(typ) -> str:
+    base, optional = _optional(typ)
+    name = base.__name__ if isinstance(base, type) else str(base)
+    return f"{name} or none" if optional else name
+
+
+def _is_instance(value, typ) -> bool:
+    if typ is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if typ is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, typ)
+
+
+def check_field(field: dataclasses.Field, typ, value) -> None:
+    """Raise :class:`ConfigError` (key = the field's name) unless ``value`` fits the field's type,
+    bounds and choices."""
+    base, optional = _optional(typ)
+    if value is None and optional:
+        return
+    if not _is_instance(value, base):
+        raise ConfigError(f"must be {type_name(typ)}, got {value!r}", field.name)
+    if base is float and not math.isfinite(value):
+        raise ConfigError(f"must be a finite number, got {value!r}", field.name)
+    for name, bound in field.metadata.get("bounds", {}).items():
+        op, ok = BOUNDS[name]
+        if not ok(value, bound):
+            raise ConfigError(f"must be {op} {bound}, got {value!r}", field.name)
+    choices = choices_of(field)
+    if choices is not None and value not in choices:
+        raise ConfigError(f"must be one of {', '.join(map(str, choices))}; got {value!r}", field.name)
+
+
+class Config:
+    """Base of every config dataclass: all fields checked when an instance is built (also by
+    ``dataclasses.replace``), then :meth:`check`."""
+
+    def __post_init__(self) -> None:
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):
+            check_field(f, hints[f.name], getattr(self, f.name))
+        self.check()
+
+    def check(self) -> None:
+        """Cross-field rules; raise :class:`ConfigError` naming the key to change."""
+
+
+def describe(cfg, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """``(dotted key, type, default, help)`` for every field of the config instance ``cfg`` (its values are
+    shown as the defaults; nested configs flattened); the help ends with the field's bounds and choices."""
+    rows = []
+    for f in dataclasses.fields(cfg):
+        typ, value = _hints(type(cfg))[f.name], getattr(cfg, f.name)
+        if dataclasses.is_dataclass(typ):
+            rows += describe(value, f"{prefix}{f.name}.")
+            continue
+        extra = [f"{BOUNDS[n][0]} {b}" for n, b in f.metadata.get("bounds", {}).items()]
+        choices = choices_of(f)
+        if choices is not None:
+            extra.append("one of " + ", ".join(map(str, choices)))
+        text = f.metadata.get("help", "") + (f" ({'; '.join(extra)})" if extra else "")
+        rows.append((prefix + f.name, type_name(typ), "none" if value is None else str(value), text))
+    return rows
+
+
+# -- loading ----------------------------------------------------------------------------------------
 def _convert(value: Any, typ, key: str, current=None):
     """``value`` (from YAML or a CLI string) as ``typ`` (int, float, bool, str, Optional[...], dataclass);
     a nested dataclass is updated from ``current`` (its present value) rather than rebuilt from defaults."""
-    origin = typing.get_origin(typ)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(typ) if a is not type(None)]
+    base, optional = _optional(typ)
+    if optional:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
             return None
-        return _convert(value, args[0], key)
+        return _convert(value, base, key)
     if dataclasses.is_dataclass(typ):
         if not isinstance(value, dict):
-            raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
+            raise ConfigError(f"must be a mapping, got {value!r}", key)
         return from_dict(typ, value, prefix=f"{key}.", base=current)
     if isinstance(value, str) and typ is not str:
-        value = yaml.safe_load(value)
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"must be {typ.__name__}, got {value!r}", key) from None
     try:
         if typ is bool:
             if isinstance(value, bool):
@@ -47,29 +179,31 @@ def _convert(value: Any, typ, key: str, current=None):
                 raise ValueError
             return float(value)
         if typ is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
             return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"config key {key!r} must be {typ.__name__}, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"must be {typ.__name__}, got {value!r}", key) from None
     return value
 
 
-def _fields(cls) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
 def from_dict(cls, data: dict, prefix: str = "", base=None):
-    """``cls`` (or a copy of ``base``) updated from a (nested) dict; types converted, unknown keys rejected."""
-    base = base if base is not None else cls()
+    """``cls`` (or a copy of ``base``) updated from a (nested) dict; types converted, unknown keys rejected,
+    the result validated."""
     fields = _fields(cls)
     kwargs = {}
-    for key, value in data.items():
-        name = key.replace("-", "_")
+    for k, value in data.items():
+        name = str(k).replace("-", "_")
         if name not in fields:
-            raise ConfigError(f"unknown config key {prefix + key!r} for {cls.__name__}; "
-                              f"valid keys: {sorted(fields)}")
-        kwargs[name] = _convert(value, fields[name], prefix + name, getattr(base, name))
-    return dataclasses.replace(base, **kwargs)
+            close = difflib.get_close_matches(name, fields, n=1)
+            hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {prefix + str(k)!r} for {cls.__name__}{hint}; "
+                              f"the keys are listed by --help")
+        kwargs[name] = _convert(value, fields[name], prefix + name, getattr(base, name, None))
+    try:
+        return dataclasses.replace(base if base is not None else cls(), **kwargs)
+    except ConfigError as err:
+        raise err.under(prefix) from None
 
 
 def _set_dotted(data: dict, dotted: str, value: str) -> None:
@@ -77,7 +211,7 @@ def _set_dotted(data: dict, dotted: str, value: str) -> None:
     for part in parts[:-1]:
         data = data.setdefault(part, {})
         if not isinstance(data, dict):
-            raise ConfigError(f"config key {dotted!r}: {part!r} is not a nested config")
+            raise ConfigError(f"{dotted!r}: {part!r} is not a nested config")
     data[parts[-1]] = value
 
 
@@ -90,14 +224,14 @@ def parse_overrides(args: list[str]) -> dict:
         if not arg.startswith("--"):
             raise ConfigError(f"expected an override --key value, got {arg!r}")
         if "=" in arg:
-            key, value = arg[2:].split("=", 1)
+            k, value = arg[2:].split("=", 1)
             i += 1
         else:
             if i + 1 >= len(args):
                 raise ConfigError(f"override {arg!r} has no value")
-            key, value = arg[2:], args[i + 1]
+            k, value = arg[2:], args[i + 1]
             i += 2
-        _set_dotted(out, key, value)
+        _set_dotted(out, k, value)
     return out
 
 
@@ -109,13 +243,17 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def load_config(cls, path: str | None = None, overrides: list[str] | dict | None = None):
-    """``cls`` from defaults, then the YAML file at ``path``, then ``overrides``."""
+    """``cls`` from defaults, then the YAML file at ``path``, then ``overrides``; validated."""
     data: dict = {}
     if path:
-        with open(path, encoding="utf-8") as f:
-            loaded = yaml.safe_load(f) or {}
+        check_file("config", path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--config {path}: invalid YAML ({' '.join(str(err).split())})") from None
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the YAML config must be a mapping, got {type(loaded).__name__}")
+            raise ConfigError(f"--config {path}: the YAML config must be a mapping, got {type(loaded).__name__}")
         data = loaded
     if overrides:
         data = _merge(data, overrides if isinstance(overrides, dict) else parse_overrides(list(overrides)))
@@ -126,80 +264,134 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# -- the trainers' configs --------------------------------------------------------------------------
+def _estimators():
+    from rlhf_fast.algos.advantages import ADVANTAGE_ESTIMATORS
+    return tuple(ADVANTAGE_ESTIMATORS)
+
+
+def _policy_losses():
+    from rlhf_fast.algos.policy_losses import POLICY_LOSSES
+    return tuple(POLICY_LOSSES)
+
+
+def _loss_aggs():
+    from rlhf_fast.ops.agg import SCALAR_AGG_MODES
+    return SCALAR_AGG_MODES
+
+
+def _kl_estimators():
+    from rlhf_fast.ops.kl import ALIASES, ESTIMATORS
+    return tuple(name + plus for name in ESTIMATORS + tuple(ALIASES) for plus in ("", "+"))
+
+
+OVERLONG = ("reject", "truncate", "drop")
+ENGINES = ("auto", "vllm", "hf")
+
+
 @dataclasses.dataclass
-class RunConfig:
+class RunConfig(Config):
     """Fields every trainer shares."""
-    out_dir: str = "runs/run"
-    seed: int = 0
-    lr: float = 1e-3
-    batch_size: int = 32
-    max_grad_norm: float = 1.0
-    warmup_steps: int = 0
-    log_every: int = 1
-    save_every: int = 0            # checkpoint every N optimizer steps / iterations (0: only at the end)
-    keep_last: int = 2             # checkpoints kept
-    progress: bool = True          # tqdm bars
+    out_dir: str = key("runs/run", "run directory: checkpoints/, metrics.jsonl and the final model")
+    seed: int = key(0, "seed of data order, sampling and initialisation", ge=0)
+    lr: float = key(1e-3, "learning rate (AdamW)", gt=0)
+    batch_size: int = key(32, "examples per optimizer step", ge=1)
+    max_grad_norm: float = key(1.0, "gradient-norm clip", gt=0)
+    warmup_steps: int = key(0, "linear learning-rate warm-up steps", ge=0)
+    log_every: int = key(1, "log metrics every N steps (0: never)", ge=0)
+    save_every: int = key(0, "checkpoint every N steps (0: only at the end)", ge=0)
+    keep_last: int = key(2, "complete checkpoints kept", ge=1)
+    progress: bool = key(True, "show progress bars")
+    overlong: str = key("reject", "an example longer than the model's context: reject (stop, naming the line), "
+                        "truncate (cut to fit) or drop (skip it)", choices=OVERLONG)
 
 
 @dataclasses.dataclass
 class SFTConfig(RunConfig):
-    model: str = ""                # HF causal-LM directory
-    data: str = ""                 # JSONL of {"prompt", "completion"}
-    epochs: int = 1
-    max_steps: int = 0             # 0: epochs * batches
+    """Supervised fine-tuning on {"prompt", "completion"} examples."""
+    model: str = key("", "local HF causal-LM directory to fine-tune")
+    data: str = key("", "JSONL file of {\"prompt\", \"completion\"} examples")
+    epochs: int = key(1, "passes over the data", ge=1)
+    max_steps: int = key(0, "stop after N steps (0: epochs x batches)", ge=0)
 
 
 @dataclasses.dataclass
 class RewardConfig(RunConfig):
-    model: str = ""                # HF directory: a reward model, or a causal LM whose backbone gets a head
-    data: str = ""                 # JSONL comparisons (pairwise and/or best-of-K)
-    eval_data: str | None = None
-    eval_fraction: float = 0.1     # held out from `data` when eval_data is not given
-    epochs: int = 2
-    max_steps: int = 0
-    margin_scale: float = 1.0      # pairwise loss -log sigmoid(r_c - r_r - margin_scale * margin)
+    """Reward-model training from pairwise or best-of-K comparisons."""
+    model: str = key("", "local HF directory: a reward model, or a causal LM whose backbone gets a head")
+    data: str = key("", "JSONL comparisons: pairwise {prompt, chosen, rejected[, margin]} or best-of-K "
+                    "{prompt, completions, best} (alias --comparisons)")
+    eval_data: str | None = key(None, "JSONL comparisons held out for evaluation")
+    eval_fraction: float = key(0.1, "share of data held out when eval_data is not given", ge=0, lt=1)
+    epochs: int = key(2, "passes over the data", ge=1)
+    max_steps: int = key(0, "stop after N steps (0: epochs x batches)", ge=0)
+    margin_scale: float = key(1.0, "pairwise loss -log sigmoid(r_c - r_r - margin_scale * margin)", ge=0)
 
 
 @dataclasses.dataclass
 class PPOConfig(RunConfig):
-    model: str = ""                # SFT policy (HF causal-LM directory); also the frozen reference
-    reward_model: str | None = None
-    prompts: str = ""              # JSONL of {"prompt"}
-    lr: float = 1e-5
-    critic_lr: float = 1e-4
-    steps: int = 20                # PPO iterations
-    batch_size: int = 32           # prompts per iteration
-    samples_per_prompt: int = 1    # n completions per prompt (groups for grpo / rloo)
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    estimator: str = "gae"         # gae | grpo | rloo | reinforce++
-    critic: str = "separate"       # separate | head  (ignored by the critic-free estimators)
-    init_value_from_reward: bool = True
-    ppo_epochs: int = 2
-    minibatch_size: int = 16
-    grad_accum: int = 1            # micro-batches per minibatch
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: float | None = None
-    value_clip: float | None = 0.2
-    vf_coef: float = 0.5
-    entropy_coef: float = 0.0
-    log_entropy: bool = True       # compute the policy entropy for the logs even when entropy_coef = 0
-    loss_agg: str = "token-mean"
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = True
-    kl_coef: float = 0.05
-    kl_target: float | None = None  # adaptive controller when set (KL per sequence)
-    kl_horizon: float = 10000.0
-    kl_estimator: str = "k1"
-    reward_clip: float | None = None
-    tis_cap: float | None = None   # truncated importance sampling against the rollout engine's log-probs
-    ptx_coef: float = 0.0          # PPO-ptx: + ptx_coef * LM loss on `ptx_data`
-    ptx_data: str | None = None
-    engine: str = "auto"           # auto (vllm if importable) | vllm | hf
-    online_rm_every: int = 0       # Ziegler online mode: every N iterations label new comparisons, retrain RM
-    online_comparisons: int = 64
-    online_rm_steps: int = 20
+    """PPO (or GRPO / RLOO / REINFORCE++) against a reward model, with vLLM or HF rollouts."""
+    model: str = key("", "local HF causal-LM directory: the SFT policy, also the frozen reference")
+    reward_model: str | None = key(None, "local reward-model directory (same tokenizer as the policy)")
+    prompts: str = key("", "JSONL file of {\"prompt\"} records")
+    lr: float = key(1e-5, "policy learning rate (AdamW)", gt=0)
+    critic_lr: float = key(1e-4, "critic (and online reward model) learning rate", gt=0)
+    steps: int = key(20, "PPO iterations", ge=1)
+    batch_size: int = key(32, "prompts per iteration", ge=1)
+    samples_per_prompt: int = key(1, "completions per prompt (the group of grpo / rloo)", ge=1)
+    max_new_tokens: int = key(32, "most tokens generated per completion", ge=1)
+    temperature: float = key(1.0, "sampling temperature", gt=0)
+    top_p: float = key(1.0, "nucleus sampling mass", gt=0, le=1)
+    top_k: int = key(-1, "sample from the k most likely tokens (<= 0: off)", ge=-1)
+    estimator: str = key("gae", "advantage estimator", choices=_estimators)
+    critic: str = key("separate", "gae's critic: a separate model or a value head on the policy",
+                      choices=("separate", "head"))
+    init_value_from_reward: bool = key(True, "initialise the separate critic from the reward model")
+    ppo_epochs: int = key(2, "passes over each iteration's rollouts", ge=1)
+    minibatch_size: int = key(16, "rollouts per optimizer step", ge=1)
+    grad_accum: int = key(1, "micro-batches per minibatch", ge=1)
+    clip_low: float = key(0.2, "ratio clip below: 1 - clip_low", ge=0, lt=1)
+    clip_high: float = key(0.2, "ratio clip above: 1 + clip_high", ge=0)
+    policy_loss: str = key("vanilla", "policy loss: vanilla (clipped PPO, token ratio) or gspo (sequence ratio)",
+                           choices=_policy_losses)
+    gspo_clip_low: float = key(3e-4, "gspo: sequence-ratio clip below, 1 - gspo_clip_low", ge=0, lt=1)
+    gspo_clip_high: float = key(4e-4, "gspo: sequence-ratio clip above, 1 + gspo_clip_high", ge=0)
+    dual_clip: float | None = key(None, "dual-clip constant c for negative advantages", gt=1)
+    value_clip: float | None = key(0.2, "value-loss clip around the old values", gt=0)
+    vf_coef: float = key(0.5, "value-loss weight", ge=0)
+    entropy_coef: float = key(0.0, "entropy-bonus weight", ge=0)
+    log_entropy: bool = key(True, "log the policy entropy even when entropy_coef = 0")
+    loss_agg: str = key("token-mean", "how token losses are averaged", choices=_loss_aggs)
+    gamma: float = key(1.0, "discount", ge=0, le=1)
+    lam: float = key(0.95, "GAE lambda", ge=0, le=1)
+    whiten_advantages: bool = key(True, "whiten gae / reinforce++ advantages")
+    kl_coef: float = key(0.05, "KL penalty coefficient beta (the initial one when kl_target is set)", ge=0)
+    kl_target: float | None = key(None, "target KL per sequence: adaptive beta (Ziegler et al.)", gt=0)
+    kl_horizon: float = key(10000.0, "adaptive KL controller horizon", gt=0)
+    kl_estimator: str = key("k1", "per-token KL estimator ('+': straight-through)", choices=_kl_estimators)
+    reward_clip: float | None = key(None, "clip reward-model scores to [-c, c]", gt=0)
+    tis_cap: float | None = key(None, "truncated importance-sampling cap against the engine's log-probs", gt=0)
+    max_mismatch: float | None = key(0.5, "stop when mean |log pi_engine - log pi_learner| exceeds it (nats; "
+                                     "none: off)", gt=0)
+    ptx_coef: float = key(0.0, "PPO-ptx: weight of the LM loss on ptx_data", ge=0)
+    ptx_data: str | None = key(None, "JSONL of {\"prompt\", \"completion\"} for PPO-ptx")
+    engine: str = key("auto", "rollout engine (auto: vllm if importable)", choices=ENGINES)
+    online_rm_every: int = key(0, "Ziegler online mode: retrain the reward model every N iterations (0: off)",
+                               ge=0)
+    online_comparisons: int = key(64, "online mode: new comparisons per round", ge=1)
+    online_rm_steps: int = key(20, "online mode: reward-model steps per round", ge=1)
+
+    def check(self) -> None:
+        from rlhf_fast.algos.advantages import ADVANTAGE_ESTIMATORS
+        group = ADVANTAGE_ESTIMATORS[self.estimator].min_group_size
+        if self.samples_per_prompt < group:
+            raise ConfigError(f"must be >= {group} for estimator {self.estimator!r} (a group per prompt), "
+                              f"got {self.samples_per_prompt}", "samples_per_prompt")
+        if self.policy_loss == "gspo" and self.dual_clip is not None:
+            raise ConfigError("must be none with policy_loss 'gspo' (the dual clip is a token-ratio bound)",
+                              "dual_clip")
+        if self.grad_accum > self.minibatch_size:
+            raise ConfigError(f"must be <= minibatch_size ({self.minibatch_size}), got {self.grad_accum}",
+                              "grad_accum")
+        if self.ptx_coef > 0 and not self.ptx_data:
+            raise ConfigError(f"is needed when ptx_coef > 0 (got ptx_coef {self.ptx_coef})", "ptx_data")

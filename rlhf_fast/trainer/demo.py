@@ -19,7 +19,8 @@ import torch
 
 from rlhf_fast.data import SortTask, build_tokenizer, write_jsonl
 from rlhf_fast.models import RewardModel, build_tiny_llama, save_model, tiny_llama_config
-from rlhf_fast.trainer.config import PPOConfig, RewardConfig, SFTConfig, to_dict
+from rlhf_fast.trainer.config import (ENGINES, Config, ConfigError, PPOConfig, RewardConfig, SFTConfig, key,
+                                      to_dict)
 from rlhf_fast.trainer.engines import build_engine
 from rlhf_fast.trainer.metrics import plot_metrics
 from rlhf_fast.trainer.ppo import PPOTrainer, decode_responses
@@ -28,31 +29,39 @@ from rlhf_fast.trainer.sft import SFTTrainer
 
 
 @dataclasses.dataclass
-class DemoConfig:
-    out: str = "runs"
-    name: str = "demo"
-    seed: int = 0
-    engine: str = "auto"           # auto | vllm | hf
-    hidden_size: int = 128
-    num_layers: int = 2
-    intermediate_size: int = 256
-    min_len: int = 4
-    max_len: int = 6
-    labeler_temperature: float = 0.05
-    demo_sorted_fraction: float = 0.2  # SFT demonstrations that are sorted; the rest are shuffled
-    sft_examples: int = 4000
-    comparisons: int = 3000        # best-of-4 comparisons from the labeler
-    heldout_fraction: float = 0.15
-    eval_prompts: int = 512
-    threads: int = 1               # torch threads for the learner (0: torch default); 1 is fastest for this tiny model
-                                   # and robust when the cores are shared
-    sft: SFTConfig = dataclasses.field(default_factory=lambda: SFTConfig(lr=3e-3, batch_size=64, epochs=2,
-                                                                         warmup_steps=10))
-    rm: RewardConfig = dataclasses.field(default_factory=lambda: RewardConfig(lr=1e-3, batch_size=32, epochs=3,
+class DemoConfig(Config):
+    """The end-to-end demo: SFT -> reward model from best-of-4 comparisons -> PPO, on the sorting task."""
+    out: str = key("runs", "parent of the run directory")
+    name: str = key("demo", "run directory name under out")
+    seed: int = key(0, "seed of everything", ge=0)
+    engine: str = key("auto", "rollout engine (auto: vllm if importable)", choices=ENGINES)
+    hidden_size: int = key(128, "tiny Llama hidden size (a multiple of the head size 64)", ge=64)
+    num_layers: int = key(2, "tiny Llama decoder layers", ge=1)
+    intermediate_size: int = key(256, "tiny Llama MLP size", ge=1)
+    min_len: int = key(4, "fewest digits in a prompt", ge=1)
+    max_len: int = key(6, "most digits in a prompt", ge=1)
+    labeler_temperature: float = key(0.05, "simulated labeler's softmax temperature", gt=0)
+    demo_sorted_fraction: float = key(0.2, "share of SFT demonstrations that are sorted (the rest shuffled)",
+                                      ge=0, le=1)
+    sft_examples: int = key(4000, "SFT demonstrations", ge=1)
+    comparisons: int = key(3000, "best-of-4 comparisons from the labeler", ge=2)
+    heldout_fraction: float = key(0.15, "share of comparisons held out", gt=0, lt=1)
+    eval_prompts: int = key(512, "prompts of the true-score evaluation", ge=1)
+    threads: int = key(1, "torch threads for the learner (0: torch default; 1 is fastest for this tiny model)",
+                       ge=0)
+    sft: SFTConfig = key(help="SFT stage", default_factory=lambda: SFTConfig(lr=3e-3, batch_size=64, epochs=2,
                                                                               warmup_steps=10))
-    ppo: PPOConfig = dataclasses.field(default_factory=lambda: PPOConfig(
+    rm: RewardConfig = key(help="reward-model stage", default_factory=lambda: RewardConfig(
+        lr=1e-3, batch_size=32, epochs=3, warmup_steps=10))
+    ppo: PPOConfig = key(help="PPO stage", default_factory=lambda: PPOConfig(
         lr=3e-4, critic_lr=1e-3, steps=100, batch_size=64, ppo_epochs=2, minibatch_size=32, kl_coef=0.2,
         kl_target=6.0, kl_horizon=200.0, save_every=10))
+
+    def check(self) -> None:
+        if self.max_len < self.min_len:
+            raise ConfigError(f"must be >= min_len ({self.min_len}), got {self.max_len}", "max_len")
+        if self.hidden_size % 64:
+            raise ConfigError(f"must be a multiple of 64 (the head size), got {self.hidden_size}", "hidden_size")
 
 
 def _log(msg: str) -> None:
