@@ -1,0 +1,63 @@
+"""Configs of ``rlhf-fast dpo``: :class:`DPOConfig` and its sections :class:`LoraSection` (``--lora-rank R
+--lora-alpha A --lora-targets ...``) and :class:`DataColumns` (``--prompt-column ...``), in the pattern of
+:mod:`rlhf_fast.trainer.config` (fields declared with ``key``, validated when built)."""
+from __future__ import annotations
+
+import dataclasses
+
+from rlhf_fast.trainer.config import Config, ConfigError, RunConfig, key
+
+__all__ = ["DPOConfig", "DataColumns", "LoraSection"]
+
+
+@dataclasses.dataclass
+class LoraSection(Config):
+    """LoRA through peft (rlhf_fast.models.lora); the lm_head is never adapted."""
+    rank: int = key(0, "LoRA rank r (0: full fine-tuning)", ge=0)
+    alpha: float | None = key(None, "LoRA alpha (scale alpha / r; default 2 * rank)", gt=0)
+    targets: str = key("all-linear", "modules to adapt: all-linear (every linear layer but the lm_head) or "
+                       "comma-separated names (q_proj,v_proj)")
+    dropout: float = key(0.0, "LoRA dropout", ge=0, lt=1)
+
+
+@dataclasses.dataclass
+class DataColumns(Config):
+    """Source columns of the record fields (HF dataset directory, parquet or JSONL; rlhf_fast.data.sources)."""
+    prompt: str = key("prompt", "column of the prompt (a string or chat messages)")
+    completion: str = key("completion", "column of the SFT completion")
+    chosen: str = key("chosen", "column of the preferred completion")
+    rejected: str = key("rejected", "column of the rejected completion")
+    split: str = key("train", "split of a saved DatasetDict directory")
+
+
+def _preference_losses():
+    from rlhf_fast.ops.preference import LOSS_TYPES
+    return LOSS_TYPES
+
+
+@dataclasses.dataclass
+class DPOConfig(RunConfig):
+    """Direct preference optimisation (DPO / cDPO, IPO, SimPO, hinge) from pairwise comparisons."""
+    model: str = key("", "local HF causal-LM directory: the SFT policy, also the reference")
+    data: str = key("", "comparisons: JSONL {prompt, chosen, rejected} (best-of-K lines give K-1 pairs), a "
+                    "saved HF dataset directory or parquet (alias --comparisons)")
+    epochs: int = key(1, "passes over the data", ge=1)
+    max_steps: int = key(0, "stop after N steps (0: epochs x batches)", ge=0)
+    lr: float = key(1e-6, "learning rate (AdamW)", gt=0)
+    batch_size: int = key(16, "pairs per optimizer step", ge=1)
+    micro_batch_size: int = key(0, "pairs per forward/backward (0: the whole batch)", ge=0)
+    loss_type: str = key("sigmoid", "sigmoid (DPO), hinge, ipo or simpo (no reference)",
+                         choices=_preference_losses)
+    beta: float = key(0.1, "temperature beta (IPO: tau)", gt=0)
+    label_smoothing: float = key(0.0, "cDPO label smoothing (sigmoid, simpo)", ge=0, lt=0.5)
+    simpo_gamma: float = key(0.5, "SimPO target margin gamma", ge=0)
+    lora: LoraSection = key(help="LoRA adapter (--lora-rank R --lora-alpha A --lora-targets ...)",
+                            default_factory=LoraSection)
+    columns: DataColumns = key(help="data column mapping (--prompt-column ...)", default_factory=DataColumns)
+
+    def check(self) -> None:
+        if self.label_smoothing and self.loss_type not in ("sigmoid", "simpo"):
+            raise ConfigError(f"applies to loss_type sigmoid or simpo, not {self.loss_type!r}", "label_smoothing")
+        if self.micro_batch_size > self.batch_size:
+            raise ConfigError(f"must be <= batch_size ({self.batch_size}), got {self.micro_batch_size}",
+                              "micro_batch_size")
