@@ -100,9 +100,9 @@ def test_fp32_options_match_float64_unfused(backend, opts):
     check(*run_both(p, backend, chunk_size=4, entropy_coef=0.02, **opts))
 
 
-def test_bf16_matches_float64_unfused():
+def test_bf16_matches_float64_unfused(backend):
     p = problem(4, 16, 32, 500, dtype=torch.bfloat16)
-    ours, ref = run_both(p, "native", chunk_size=16, entropy_coef=0.01, agg="seq-mean-token-mean")
+    ours, ref = run_both(p, backend, chunk_size=16, entropy_coef=0.01, agg="seq-mean-token-mean")
     # bf16 logits (relative 2^-9, |z| <= ~4) -> logp errors ~0.01; the loss is a weighted mean of such terms
     check(ours, ref, rtol_grad=0.03, atol_loss=0.01, stat_atol=0.02)
     assert ours[2][0].dtype == torch.bfloat16 and ours[2][1].dtype == torch.bfloat16
@@ -124,13 +124,17 @@ def test_more_than_65536_rows(backend):
     check(*run_both(p, backend, chunk_size=40_000, entropy_coef=0.01))
 
 
-def test_on_policy_pass_and_logp_output():
-    p = problem(2, 5, 8, 33)
+def test_on_policy_pass_and_token_outputs(backend):
+    p = problem(2, 5, 8, 33, masked_rows=(1,))
     h = p["h"].requires_grad_()
-    loss, stats, logp = linear_ppo_objective(h, p["w"], p["labels"], None, p["adv"], p["mask"], return_logp=True)
-    _, _, ref_logp = reference(h, p["w"], None, p["labels"], p["old"], p["adv"], p["mask"])
+    loss, stats, logp, ent = linear_ppo_objective(h, p["w"], p["labels"], None, p["adv"], p["mask"],
+                                                  entropy_coef=0.1, return_tokens=True, backend=backend)
+    _, rstats, ref_logp = reference(h, p["w"], None, p["labels"], p["old"], p["adv"], p["mask"])
     torch.testing.assert_close(logp.double(), torch.where(p["mask"], ref_logp, 0.0).detach(), atol=1e-5, rtol=0)
-    loss2, _ = linear_ppo_objective(h, p["w"], p["labels"], logp, p["adv"], p["mask"])
+    assert (ent[~p["mask"]] == 0).all() and (ent[p["mask"]] > 0).all()
+    torch.testing.assert_close(ent.sum().double() / p["mask"].sum(), rstats["entropy"], atol=1e-5, rtol=0)
+    loss2, _ = linear_ppo_objective(h, p["w"], p["labels"], logp, p["adv"], p["mask"], entropy_coef=0.1,
+                                    backend=backend)
     torch.testing.assert_close(loss, loss2)
     assert stats["ratio_max"] == 1.0 and stats["clipfrac"] == 0.0
 

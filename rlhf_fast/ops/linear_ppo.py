@@ -60,27 +60,30 @@ def default_block_rows(n_rows: int, vocab: int, device: torch.device, softcap: b
 
 
 # ----------------------------------------------------------------------------------------- reference
-def linear_ppo_torch(hidden, weight, bias, labels, old_logp, advantages, w, rollout_logp, clip, entropy_coef,
-                     temperature, softcap, need_entropy):
-    """The module-docstring objective with explicit logits and plain autograd, on packed tokens ([n, H], [n]).
-    Returns ``(loss, stats, logp)``; computes in float64 for float64 inputs, else fp32."""
+def linear_ppo_torch(hidden, weight, bias, labels, old_logp, advantages, w, valid, rollout_logp, clip, entropy_coef,
+                     temperature, softcap, need_entropy, ignore_index):
+    """The module-docstring objective with explicit logits and plain autograd on every position (hidden [B*T, H],
+    labels [B*T]; the rest [B, T], ``w`` the token weights, ``valid`` the mask). Returns
+    ``(loss, stats, logp, entropy or None)``, logp/entropy [B, T] and 0 where not valid; float64 for float64
+    inputs, else fp32."""
     acc = torch.promote_types(hidden.dtype, torch.float32)
     z = hidden.to(acc) @ weight.to(acc).t()
     if bias is not None:
         z = z + bias.to(acc)
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
-    logp, entropy, _ = logprob_entropy_torch(z, labels, temperature, -1, need_entropy)
+    logp, entropy, _ = logprob_entropy_torch(z, torch.where(valid.reshape(-1), labels, ignore_index), temperature,
+                                             ignore_index, need_entropy)
+    logp = logp.view(valid.shape)
     old = logp.detach() if old_logp is None else old_logp
-    ones = torch.ones_like(labels, dtype=torch.bool)[None]
     clip_low, clip_high, dual_clip, tis_cap = clip
-    loss, stats = policy_loss_torch(logp[None], old[None], advantages[None], ones, clip_low, clip_high, dual_clip,
-                                    "token-sum", None if rollout_logp is None else rollout_logp[None], tis_cap,
-                                    w[None], dtype=acc)
+    loss, stats = policy_loss_torch(logp, old, advantages, valid, clip_low, clip_high, dual_clip, "token-sum",
+                                    rollout_logp, tis_cap, w, dtype=acc)
     if need_entropy:
+        entropy = entropy.view(valid.shape)
         loss = loss - entropy_coef * (w.to(acc) * entropy).sum()
-        stats["entropy"] = entropy.detach().mean() if entropy.numel() else entropy.new_zeros(())
-    return loss, stats, logp.detach()
+        stats["entropy"] = entropy.detach().sum() / valid.sum().clamp(min=1)
+    return loss, stats, logp.detach(), None if entropy is None else entropy.detach()
 
 
 # ----------------------------------------------------------------------------------------- fused sweep
@@ -100,17 +103,17 @@ def _policy_block(backend, tensors, params, need_grad):
 def _fused_sweep(hidden, weight, bias, labels, old_logp, advantages, w, rollout_logp, params, entropy_coef,
                  temperature, softcap, need_entropy, rows, backend, needs):
     """The one sweep of the module docstring over packed tokens. Returns
-    ``(loss, parts [blocks, 10], entropy_sum, logp [n], (dh, dW, db) with None where not needed)``."""
+    ``(loss, parts [blocks, 10], logp [n], entropy [n] or None, (dh, dW, db) with None where not needed)``."""
     n, V = hidden.shape[0], weight.shape[0]
     need_h, need_w, need_b = needs
     need_grad = any(needs)
     acc = torch.float32
     logp = hidden.new_empty(n, dtype=acc)
+    entropy = hidden.new_empty(n, dtype=acc) if need_entropy else None
     grad_h = torch.empty_like(hidden) if need_h else None
     grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
     grad_b = torch.zeros(V, dtype=acc, device=weight.device) if need_b else None
     loss = hidden.new_zeros((), dtype=acc)
-    ent_sum = hidden.new_zeros((), dtype=acc)
     buf = hidden.new_empty(min(rows, max(n, 1)), V)
     dbuf = hidden.new_empty(buf.shape) if softcap is not None and need_grad else buf
     ones = torch.ones(1, min(rows, max(n, 1)), dtype=torch.bool, device=hidden.device)
@@ -129,8 +132,7 @@ def _fused_sweep(hidden, weight, bias, labels, old_logp, advantages, w, rollout_
         all_parts.append(parts)
         loss += parts[0, 0]
         if need_entropy:
-            ent.clamp_(min=0.0)
-            ent_sum += ent.sum()
+            entropy[s:e] = ent.clamp_(min=0.0)
             if entropy_coef:
                 loss -= entropy_coef * (w_c * ent).sum()
         if not need_grad:
@@ -150,25 +152,25 @@ def _fused_sweep(hidden, weight, bias, labels, old_logp, advantages, w, rollout_
         if need_b:
             grad_b += dz.sum(0, dtype=acc)
     parts = torch.cat(all_parts) if all_parts else hidden.new_zeros(1, 10, dtype=acc)
-    return loss, parts, ent_sum, logp, (grad_h, grad_w, grad_b)
+    return loss, parts, logp, entropy, (grad_h, grad_w, grad_b)
 
 
 class _LinearPPOFunction(torch.autograd.Function):
-    """Outputs (loss, parts, entropy_sum, logp); the last three carry no gradient. The forward computes and keeps
+    """Outputs (loss, parts, logp, entropy or None); the last three carry no gradient. The forward computes and keeps
     the gradients of the loss; the backward scales them by the upstream gradient (once: they are handed over)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, idx, labels, old_logp, advantages, w, rollout_logp, args, needs):
         packed = hidden if idx is None else hidden.index_select(0, idx)
-        loss, parts, ent_sum, logp, grads = _fused_sweep(packed, weight, bias, labels, old_logp, advantages, w,
+        loss, parts, logp, entropy, grads = _fused_sweep(packed, weight, bias, labels, old_logp, advantages, w,
                                                          rollout_logp, *args, needs)
         grad_h, grad_w, grad_b = grads
         if grad_h is not None and idx is not None:
             grad_h = hidden.new_zeros(hidden.shape).index_copy_(0, idx, grad_h)
         ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                      None if grad_b is None else grad_b.to(bias.dtype))
-        ctx.mark_non_differentiable(parts, ent_sum, logp)
-        return loss, parts, ent_sum, logp
+        ctx.mark_non_differentiable(*(t for t in (parts, logp, entropy) if t is not None))
+        return loss, parts, logp, entropy
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
@@ -218,7 +220,7 @@ def linear_ppo_objective(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                          loss_scale: float | torch.Tensor = 1.0, temperature: float = 1.0,
                          softcap: float | None = None, rollout_logp: torch.Tensor | None = None,
                          tis_cap: float | None = None, ignore_index: int = -100, return_entropy: bool = False,
-                         return_logp: bool = False, chunk_size: int | None = None, backend: str = "auto"):
+                         return_tokens: bool = False, chunk_size: int | None = None, backend: str = "auto"):
     """Clipped PPO policy loss minus the entropy bonus, from hidden states; see the module docstring.
 
     Args:
@@ -234,11 +236,12 @@ def linear_ppo_objective(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
             known in the forward, which computes the gradients.
         temperature, softcap: as ``linear_logprobs``.
         return_entropy: compute H and report its mean in ``stats["entropy"]`` even when entropy_coef is 0.
-        return_logp: also return the per-token log-probs [B, T] fp32 (detached; 0 at invalid positions).
+        return_tokens: also return the per-token log-probs and entropies [B, T] fp32 (detached; 0 at invalid
+            positions; the entropy None unless computed).
         chunk_size: tokens per block of whole-vocabulary logits (default :func:`default_block_rows`).
         backend: "auto" | "triton" | "native" | "torch".
     Returns:
-        ``(loss, stats)`` or ``(loss, stats, logp)``: loss a 0-dim fp32 tensor (float64 for float64 inputs on the
+        ``(loss, stats)`` or ``(loss, stats, logp, entropy)``: loss a 0-dim fp32 tensor (float64 for float64 inputs on the
         torch backend), stats a dict of detached 0-dim tensors.
     """
     check_tensor("hidden", hidden, floating=True, ndim=3)
@@ -254,50 +257,58 @@ def linear_ppo_objective(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
 
     B, T, H = hidden.shape
     valid = mask & (labels != ignore_index)
-    counts = valid.sum(-1).to(torch.float32)
-    w_rows = row_scale(counts, T, agg) * (loss_scale if isinstance(loss_scale, torch.Tensor) else float(loss_scale))
-    flat_valid = valid.reshape(-1)
-    all_valid = bool(flat_valid.all())
-    idx = None if all_valid else flat_valid.nonzero().squeeze(-1)
-
-    def pack(t, dtype=torch.float32):
-        if t is None:
-            return None
-        t = t.reshape(-1) if idx is None else t.reshape(-1).index_select(0, idx)
-        return t.to(dtype).contiguous()
-
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    w = pack(w_rows[:, None].expand(B, T), acc)
-    labels_p = labels1d if idx is None else labels1d.index_select(0, idx)
-    old_p, adv_p, rlp_p = pack(old_logp, acc), pack(advantages, acc), pack(rollout_logp, acc)
+    scale = loss_scale if isinstance(loss_scale, torch.Tensor) else float(loss_scale)
+    w_rows = row_scale(valid.sum(-1).to(torch.float32), T, agg) * scale
     clip = (float(clip_low), float(clip_high), None if dual_clip is None else float(dual_clip), tis_cap)
     need_entropy = bool(return_entropy) or entropy_coef != 0
     softcap = None if softcap is None else float(softcap)
     hidden2d = hidden.reshape(B * T, H)
-
     if backend == "torch":
-        packed = hidden2d if idx is None else hidden2d.index_select(0, idx)
-        loss, stats, logp = linear_ppo_torch(packed, weight, bias, labels_p, old_p, adv_p, w, rlp_p, clip,
-                                             float(entropy_coef), temperature, softcap, need_entropy)
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        loss, stats, logp, entropy = linear_ppo_torch(
+            hidden2d, weight, bias, labels1d, old_logp, advantages, w_rows.to(acc)[:, None].expand(B, T), valid,
+            rollout_logp, clip, float(entropy_coef), temperature, softcap, need_entropy, ignore_index)
     else:
-        grad_on = torch.is_grad_enabled()
-        needs = tuple(grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias))
-        params = (float(clip_low), float(clip_high), _NO_DUAL_CLIP if dual_clip is None else float(dual_clip),
-                  math.inf if tis_cap is None else float(tis_cap))
-        rows = chunk_size or default_block_rows(labels_p.numel(), weight.shape[0], hidden.device,
-                                                softcap is not None)
-        args = (params, float(entropy_coef), temperature, softcap, need_entropy, rows, backend)
-        if hidden2d.stride(-1) != 1:
-            hidden2d = hidden2d.contiguous()
-        loss, parts, ent_sum, logp = _LinearPPOFunction.apply(
-            hidden2d, weight, bias, idx, labels_p.contiguous(), old_p, adv_p, w, rlp_p, args, needs)
-        stats = _stats_from_parts(parts, rollout_logp is not None)
-        if need_entropy:
-            stats["entropy"] = ent_sum / max(labels_p.numel(), 1)
+        loss, stats, logp, entropy = _fused(hidden2d, weight, bias, labels1d, valid, old_logp, advantages,
+                                            rollout_logp, w_rows, clip, float(entropy_coef), temperature, softcap,
+                                            need_entropy, chunk_size, backend)
     if bad is not None:   # CUDA / compiled: out-of-range labels poison the loss instead of a device sync
         loss = torch.where(bad.any(), float("nan"), loss)
-    if not return_logp:
-        return loss, stats
-    full = logp.new_zeros(B * T)
-    full = full.masked_scatter(flat_valid, logp) if idx is not None else logp
-    return loss, stats, full.view(B, T)
+    return (loss, stats, logp, entropy) if return_tokens else (loss, stats)
+
+
+def _fused(hidden2d, weight, bias, labels1d, valid, old_logp, advantages, rollout_logp, w_rows, clip, entropy_coef,
+           temperature, softcap, need_entropy, chunk_size, backend):
+    """The fused sweep on the valid tokens packed: ``(loss, stats, logp [B, T], entropy [B, T] or None)``."""
+    B, T = valid.shape
+    flat = valid.reshape(-1)
+    idx = None if bool(flat.all()) else flat.nonzero().squeeze(-1)
+
+    def pack(t):
+        if t is None:
+            return None
+        t = t.reshape(-1) if idx is None else t.reshape(-1).index_select(0, idx)
+        return t.to(torch.float32).contiguous()
+
+    def place(t):
+        if t is None or idx is None:
+            return None if t is None else t.view(B, T)
+        return t.new_zeros(B * T).index_copy_(0, idx, t).view(B, T)
+
+    labels = (labels1d if idx is None else labels1d.index_select(0, idx)).contiguous()
+    clip_low, clip_high, dual_clip, tis_cap = clip
+    params = (clip_low, clip_high, _NO_DUAL_CLIP if dual_clip is None else dual_clip,
+              math.inf if tis_cap is None else float(tis_cap))
+    rows = chunk_size or default_block_rows(labels.numel(), weight.shape[0], hidden2d.device, softcap is not None)
+    grad_on = torch.is_grad_enabled()
+    needs = tuple(grad_on and t is not None and t.requires_grad for t in (hidden2d, weight, bias))
+    args = (params, entropy_coef, temperature, softcap, need_entropy, rows, backend)
+    if hidden2d.stride(-1) != 1:
+        hidden2d = hidden2d.contiguous()
+    loss, parts, logp, entropy = _LinearPPOFunction.apply(
+        hidden2d, weight, bias, idx, labels, pack(old_logp), pack(advantages), pack(w_rows[:, None].expand(B, T)),
+        pack(rollout_logp), args, needs)
+    stats = _stats_from_parts(parts, rollout_logp is not None)
+    if need_entropy:
+        stats["entropy"] = entropy.sum() / max(labels.numel(), 1)
+    return loss, stats, place(logp), place(entropy)
