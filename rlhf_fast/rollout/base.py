@@ -13,7 +13,9 @@ Prompts must fit the engine: ``len(prompt) + max_new_tokens <= max_model_len``. 
 ValueError naming its index, or, with ``truncate_prompts=True``, keeps only its last tokens.
 
 ``sync_weights(model)`` pushes the learner's weights into the engine and bumps ``weight_version``;
-every batch records the version that produced it.
+every batch records the version that produced it. ``sync_weights(model, verify=True)`` then checks the
+engine against the learner (:meth:`RolloutEngine.verify_sync`): greedy responses to a few fixed prompts,
+the engine's sampled-token log-probs against ``rlhf_fast.models.policy_logprobs`` (fp32), max |Δ| <= atol.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from rlhf_fast.rollout.batch import RolloutBatch
+from rlhf_fast.rollout.batch import RolloutBatch, pack
 
 
 @dataclass(frozen=True)
@@ -73,11 +75,40 @@ class RolloutEngine(ABC):
         samples = self._generate(prompts, cfg)
         return collate(prompts, samples, self.pad_token_id, self._weight_version)
 
-    def sync_weights(self, model: torch.nn.Module) -> None:
-        """Push ``model``'s current weights into the engine; bumps ``weight_version``."""
+    def sync_weights(self, model: torch.nn.Module, verify: bool = False, verify_atol: float = 1e-3) -> None:
+        """Push ``model``'s current weights into the engine; bumps ``weight_version``; ``verify``: then
+        :meth:`verify_sync` (raises RuntimeError when the engine's log-probs are off by more than ``verify_atol``)."""
         self._check_open()
         self._sync_weights(model)
         self._weight_version += 1
+        if verify:
+            self.verify_sync(model, atol=verify_atol)
+
+    def verify_sync(self, model: torch.nn.Module, atol: float = 1e-3, num_prompts: int = 4,
+                    max_new_tokens: int = 4) -> float:
+        """max |log π_engine(y_t) - log π_learner(y_t)| over greedy responses y to ``num_prompts`` fixed prompts
+        (ids 3..vocab-1, lengths 1..8); RuntimeError naming the architecture, the worst token and the engine's
+        own diagnosis when it exceeds ``atol``. atol=1e-3 suits fp32 engines (synced: ~1e-6); 16-bit ones need ~1e-1."""
+        from rlhf_fast.models.geometry import model_geometry
+        from rlhf_fast.rollout.mismatch import learner_logprobs
+        if not isinstance(atol, (int, float)) or atol <= 0:
+            raise ValueError(f"atol must be a positive number, got {atol!r}")
+        vocab = model_geometry(model).vocab
+        g = torch.Generator().manual_seed(1234)
+        prompts = [torch.randint(3, vocab, (1 + 7 * i // max(1, num_prompts - 1),), generator=g).tolist()
+                   for i in range(num_prompts)]
+        batch = self.generate(prompts, temperature=0.0, max_new_tokens=max_new_tokens)
+        delta = (learner_logprobs(model, batch) - batch.rollout_logprobs).abs() * batch.response_mask
+        worst = float(delta.max())
+        if not worst <= atol:   # NaN fails too
+            row, col = divmod(int(delta.argmax()), delta.shape[1])
+            arch = type(model).__name__
+            tied = "tied" if model_geometry(model).tied else "untied"
+            raise RuntimeError(
+                f"weight sync verification failed for {arch} ({tied} embeddings): engine vs learner log-prob "
+                f"max |Δ| = {worst:.3g} > atol {atol:g} (prompt {row}, response token {col}); "
+                f"{self._diagnose_sync() or 'no engine-side diagnosis'}")
+        return worst
 
     @property
     def weight_version(self) -> int:
@@ -101,6 +132,10 @@ class RolloutEngine(ABC):
 
     @abstractmethod
     def _sync_weights(self, model: torch.nn.Module) -> None: ...
+
+    def _diagnose_sync(self) -> str:
+        """Engine-specific hint for a failed :meth:`verify_sync` (which engine tensors look stale)."""
+        return ""
 
     def _close(self) -> None:
         pass
@@ -153,21 +188,11 @@ def _sampling_config(n, temperature, top_p, top_k, max_new_tokens, stop_token_id
 
 def collate(prompts: list[list[int]], samples: list[Sample], pad_token_id: int, weight_version: int) -> RolloutBatch:
     """Pad samples into a RolloutBatch: prompts left-padded, responses right-padded."""
-    B = len(samples)
-    P = max(len(prompts[s.prompt_index]) for s in samples)
-    R = max(1, max(len(s.token_ids) for s in samples))
-    prompt_ids = torch.full((B, P), pad_token_id, dtype=torch.long)
-    response_ids = torch.full((B, R), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros(B, P + R, dtype=torch.long)
-    logprobs = torch.zeros(B, R, dtype=torch.float32)
+    prompt_ids, response_ids, attention_mask, response_mask = pack(
+        [prompts[s.prompt_index] for s in samples], [s.token_ids for s in samples], pad_token_id)
+    logprobs = torch.zeros(response_ids.shape, dtype=torch.float32)
     for b, s in enumerate(samples):
-        p, r = prompts[s.prompt_index], s.token_ids
-        prompt_ids[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
-        attention_mask[b, P - len(p):P + len(r)] = 1
-        if r:
-            response_ids[b, :len(r)] = torch.tensor(r, dtype=torch.long)
-            logprobs[b, :len(r)] = torch.tensor(s.logprobs, dtype=torch.float32)
-    response_mask = attention_mask[:, P:].bool()
+        logprobs[b, :len(s.logprobs)] = torch.tensor(s.logprobs, dtype=torch.float32)
     finish = [s.finish_reason for s in samples]
     return RolloutBatch(
         prompt_ids=prompt_ids, response_ids=response_ids, attention_mask=attention_mask,

@@ -11,12 +11,15 @@ learner's log-probs of the same tokens under the same weights (``learner_logprob
 Means are over tokens where ``mask`` is set (all of them together, not per row). In exact arithmetic
 with synced weights every Δ_t is 0; what remains is numerical (kernels, dtypes, batching).
 Use it to log the mismatch; the correction itself is ``rlhf_fast.ops.ppo_policy_loss(tis_cap=...)``.
+``learner_logprobs(model, batch)`` gives log π of a RolloutBatch's response tokens (the learner side).
 """
 from __future__ import annotations
 
 import torch
 
 from rlhf_fast._validation import check_mask, check_same_shape, check_tensor
+from rlhf_fast.rollout.batch import RolloutBatch
+from rlhf_fast.ops.kl import kl_value_torch
 
 
 def logprob_mismatch(rollout_logprobs: torch.Tensor, learner_logprobs: torch.Tensor, mask,
@@ -42,7 +45,25 @@ def logprob_mismatch(rollout_logprobs: torch.Tensor, learner_logprobs: torch.Ten
     return {
         "abs_diff_mean": delta.abs().mean().item(),
         "abs_diff_max": delta.abs().max().item(),
-        "kl_k3": (w - 1 - delta).mean().item(),
+        "kl_k3": kl_value_torch(-delta, "k3").mean().item(),   # expm1(delta) - delta
         "capped_frac": (w > tis_cap).float().mean().item(),
         "tokens": n,
     }
+
+
+@torch.no_grad()
+def learner_logprobs(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
+    """log π(y_t) [B, R] fp32 of ``batch``'s response tokens under ``model`` (``policy_logprobs``, eval mode,
+    on the model's device; 0 outside ``response_mask``), returned on the CPU."""
+    from rlhf_fast.models.policy_logprobs import policy_logprobs
+    device = next(model.parameters()).device
+    b = batch.to(device)
+    P = b.prompt_ids.shape[1]
+    response_mask = torch.cat([torch.zeros_like(b.prompt_ids, dtype=torch.bool), b.response_mask], dim=1)
+    was_training = model.training
+    model.eval()
+    try:
+        logp = policy_logprobs(model, b.input_ids, b.attention_mask, response_mask)
+    finally:
+        model.train(was_training)
+    return logp[:, P:].float().cpu()

