@@ -6,10 +6,10 @@ the embedding, final norm and lm_head that the fused log-prob op reads directly 
 
 Per iteration, on every rank (the driver calls all ranks at once; all run the same collectives)::
 
-    make_experience   rows r of the batch -> old_logp, ref_logp, V on r -> all-gather -> advantages on the
-                      whole batch (rlhf_fast.distributed.experience; identical on every rank)
-    update            epochs x minibatches (same permutation on every rank); minibatch M -> this rank's rows
-                      M_r (x grad_accum micro-batches) -> backward of W * L_r (rlhf_fast.distributed.objective)
+    make_experience   rows r of the batch -> old_logp, ref_logp, V on r -> all-gather -> algos.make_experience
+                      on the whole batch (identical on every rank; rlhf_fast.distributed.dp)
+    update            epochs x minibatches (same permutation on every rank); minibatch M -> global totals ->
+                      this rank's rows M_r (x grad_accum micro-batches) -> backward of W * algos.ppo_objective
                       -> FSDP2 reduce-scatter (mean) -> clip_grad_norm_ -> AdamW
     sync_weights(v)   per bucket of whole layers: full_tensor() of each shard (a collective over learners),
                       rank 0 broadcasts it over the weight channel (rlhf_fast.distributed.channel)
@@ -25,10 +25,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
-from rlhf_fast import ops
+from rlhf_fast.algos import AdvantageParams, Outputs, make_experience, ppo_objective
 from rlhf_fast.distributed.channel import WeightChannel
-from rlhf_fast.distributed.experience import advantages, all_gather_rows, shard_rows
-from rlhf_fast.distributed.objective import shard_objective
+from rlhf_fast.distributed.dp import all_gather_rows, global_totals, shard_rows
 from rlhf_fast.models.policy_logprobs import policy_logprobs
 from rlhf_fast.models.value_model import ValueModel, base_model
 from rlhf_fast.rollout import RolloutBatch, logprob_mismatch
@@ -84,6 +83,8 @@ class Learner:
         rank, world = dist.get_rank(), dist.get_world_size()
         if cfg.critic != "separate" and cfg.estimator == "gae":
             raise ValueError("distributed PPO supports critic='separate' only")
+        if cfg.ptx_coef > 0 or cfg.online_rm_every:
+            raise ValueError("distributed PPO supports neither ptx_coef > 0 nor online_rm_every yet")
         if cfg.minibatch_size < world * cfg.grad_accum:
             raise ValueError(f"minibatch_size ({cfg.minibatch_size}) must be >= learners x grad_accum "
                              f"({world} x {cfg.grad_accum}): every rank needs a row per micro-batch")
@@ -138,56 +139,74 @@ class Learner:
                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return sd if self.rank == 0 else {}
 
+    # -- sharded checkpoints (torch.distributed.checkpoint: any learner count can load them) ------------
+    def _state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        model, optim = get_state_dict(self.policy, self.optimizer)
+        state = {"policy": model, "optimizer": optim, "scheduler": self.scheduler.state_dict()}
+        if self.critic is not None:
+            state["critic"], state["critic_optimizer"] = get_state_dict(self.critic, self.critic_optimizer)
+        return state
+
+    def save(self, path: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        dcp.save(self._state(), checkpoint_id=path)
+
+    def load(self, path: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+        state = self._state()
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(self.policy, self.optimizer, model_state_dict=state["policy"],
+                       optim_state_dict=state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.critic is not None:
+            set_state_dict(self.critic, self.critic_optimizer, model_state_dict=state["critic"],
+                           optim_state_dict=state["critic_optimizer"])
+
+    def set_version(self, version: int) -> None:
+        self.version = version
+
     # -- experience -----------------------------------------------------------------------------------
     @torch.no_grad()
     def make_experience(self, batch: RolloutBatch, scores: torch.Tensor, kl_coef: float) -> dict:
-        """Score this rank's rows, gather, compute advantages on the whole batch; returns the trainer's stats."""
+        """Score this rank's rows, gather, build the whole-batch experience; returns the trainer's stats."""
         cfg, B = self.cfg, len(batch)
         P = batch.prompt_length
-        ids, attn, mask = batch.input_ids, batch.attention_mask, batch.response_mask
-        full = torch.cat([torch.zeros_like(batch.prompt_ids, dtype=torch.bool), mask], dim=1)
+        seq = (batch.input_ids, batch.attention_mask, batch.response_mask_full)
         rows = shard_rows(B, self.world, self.rank)
 
         def gather(model, fn):
             model.eval()
-            return all_gather_rows(fn(model, ids[rows], attn[rows], full[rows]), B)
+            return all_gather_rows(fn(model, *(t[rows] for t in seq)), B)
         old_logp = gather(self.policy, lambda m, i, a, f: m(i, a, f)[:, P:])
         ref_logp = gather(self.ref, lambda m, i, a, f: m(i, a, f)[:, P:]) if self.ref is not None else None
         values = gather(self.critic, lambda m, i, a, f: m(i, a)[:, P - 1:-1]) if self.critic is not None else None
-        out = advantages(cfg, scores, mask, old_logp, ref_logp, values, kl_coef)
-        self.exp = dict(ids=ids, attn=attn, full=full, mask=mask, P=P, old_logp=old_logp, values=values,
-                        rollout_logp=batch.rollout_logprobs, advantages=out["advantages"], returns=out["returns"])
-        stats = {"score": scores.mean().item(), "score_std": scores.std().item() if B > 1 else 0.0,
-                 "kl": ops.masked_sum(out["kl"], mask, dim=1).mean().item(), "kl_coef": kl_coef,
-                 "response_length": mask.sum(1).float().mean().item(),
-                 "truncated_frac": batch.truncated.float().mean().item(),
-                 "advantage_mean": ops.masked_mean(out["advantages"], mask).item()}
-        if values is not None:
-            stats["value_mean"] = ops.masked_mean(values, mask).item()
-        stats.update({f"mismatch_{k}": float(v)
-                      for k, v in logprob_mismatch(batch.rollout_logprobs, old_logp, mask).items()})
+        params = AdvantageParams(cfg.gamma, cfg.lam, cfg.samples_per_prompt, cfg.whiten_advantages)
+        self.exp, stats = make_experience(batch, scores, old_logp, ref_logp, values, estimator=cfg.estimator,
+                                          params=params, kl_coef=kl_coef, kl_estimator=cfg.kl_estimator,
+                                          reward_clip=cfg.reward_clip)
+        cap = cfg.tis_cap if cfg.tis_cap is not None else 2.0
+        stats.update({f"mismatch_{k}": float(v) for k, v in
+                      logprob_mismatch(batch.rollout_logprobs, old_logp, batch.response_mask, cap).items()})
         return stats
 
     # -- update ---------------------------------------------------------------------------------------
-    def _micro_loss(self, rows: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        cfg, e = self.cfg, self.exp
-        ids, attn, full, mask, P = e["ids"][rows], e["attn"][rows], e["full"][rows], e["mask"][rows], e["P"]
+    def _micro_loss(self, rows: torch.Tensor, totals: tuple[int, int]) -> tuple[torch.Tensor, dict]:
+        cfg, piece = self.cfg, self.exp.rows(rows)
+        P = piece.prompt_len
         want_entropy = cfg.entropy_coef > 0 or cfg.log_entropy
-        out = self.policy(ids, attn, full, entropy=want_entropy)
+        out = self.policy(piece.input_ids, piece.attention_mask, piece.response_mask_full, entropy=want_entropy)
         logp, entropy = (out[0][:, P:], out[1][:, P:]) if want_entropy else (out[:, P:], None)
-        critic = {}
-        if self.critic is not None:
-            critic = dict(values=self.critic(ids, attn)[:, P - 1:-1], old_values=e["values"][rows],
-                          returns=e["returns"][rows])
-        return shard_objective(cfg, logp, e["old_logp"][rows], e["advantages"][rows], mask, e["rollout_logp"][rows],
-                               entropy=entropy, **critic)
+        values = self.critic(piece.input_ids, piece.attention_mask)[:, P - 1:-1] if self.critic is not None else None
+        return ppo_objective(cfg, piece, Outputs(logp, entropy, values), totals)
 
     def update(self, step: int) -> dict:
         """PPO epochs x minibatches over the stored experience; all ranks step identically. Returns mean stats."""
         if self.exp is None:
             raise RuntimeError("make_experience before update")
         cfg = self.cfg
-        B = self.exp["ids"].shape[0]
+        B = len(self.exp)
         self.policy.train()
         per_minibatch = []
         for epoch in range(cfg.ppo_epochs):
@@ -201,8 +220,10 @@ class Learner:
                 if self.critic_optimizer is not None:
                     self.critic_optimizer.zero_grad(set_to_none=True)
                 sums: dict[str, float] = {}
-                for micro in mb.tensor_split(self.world)[self.rank].tensor_split(cfg.grad_accum):
-                    loss, stats = self._micro_loss(micro)
+                mine = mb.tensor_split(self.world)[self.rank]
+                totals = global_totals(self.exp.mask[mine])
+                for micro in mine.tensor_split(cfg.grad_accum):
+                    loss, stats = self._micro_loss(micro, totals)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"non-finite loss at step {step} on learner rank {self.rank}")
                     (loss * self.world).backward()

@@ -1,0 +1,50 @@
+"""``rlhf-fast ppo-dist``: distributed PPO (``--learners W --engines E [--colocate] [--async-mode]
+[--ray-address ADDR] [--dry-run]``), a :class:`DistributedPPOConfig` from ``--config`` YAML and ``--key value``."""
+from __future__ import annotations
+
+import os
+
+from rlhf_fast.distributed.config import DistributedPPOConfig
+
+GiB = 2**30
+
+
+def dry_run(cfg: DistributedPPOConfig) -> str:
+    """The memory plan of ``cfg``, built on the meta device; ValueError when it exceeds ``device_memory_gib``."""
+    from rlhf_fast.distributed.plan import memory_plan
+    plan = memory_plan(cfg.model, learners=cfg.learners, engines=cfg.engines, colocate=cfg.colocate,
+                       estimator=cfg.estimator, use_ref=cfg.kl_coef > 0 or cfg.kl_target is not None,
+                       minibatch_size=cfg.minibatch_size, grad_accum=cfg.grad_accum,
+                       rollouts=cfg.batch_size * cfg.samples_per_prompt, seq_len=cfg.seq_len,
+                       param_dtype=cfg.param_dtype, engine_tp=cfg.engine_tp,
+                       activation_checkpointing=cfg.activation_checkpointing)
+    head = (f"plan: {cfg.learners} learner ranks (FSDP2), {cfg.engines} engines (tp {cfg.engine_tp}), "
+            f"{'colocated' if cfg.colocate else 'disaggregated'}, {cfg.param_dtype}, estimator {cfg.estimator}")
+    text = head + "\n" + plan.table()
+    if cfg.device_memory_gib is not None and plan.peak_device > cfg.device_memory_gib * GiB:
+        raise ValueError(f"{text}\nthe plan needs {plan.peak_device / GiB:.2f} GiB per device, more than "
+                         f"device_memory_gib = {cfg.device_memory_gib:g}")
+    return text
+
+
+def cmd_ppo_dist(cfg: DistributedPPOConfig, resume: bool) -> None:
+    if cfg.dry_run:
+        print(dry_run(cfg))
+        return
+    from transformers import AutoTokenizer
+    from rlhf_fast.data import read_jsonl
+    from rlhf_fast.distributed.driver import DistributedPPO
+    from rlhf_fast.models import RewardModel
+    if not cfg.reward_model:
+        raise SystemExit("error: --reward-model PATH is required")
+    prompts = [r["prompt"] for r in read_jsonl(cfg.prompts, "prompts")]
+    rm, tok = RewardModel.from_pretrained(cfg.reward_model).eval(), AutoTokenizer.from_pretrained(cfg.model)
+    run = DistributedPPO(cfg, cfg.model, prompts, reward_model=rm, learners=cfg.learners, engines=cfg.engines,
+                         colocate=cfg.colocate, async_mode=cfg.async_mode, ray_address=cfg.ray_address,
+                         engine=cfg.engine, cpus=cfg.cpus_per_actor, gpus=cfg.gpus_per_actor)
+    try:
+        run.train(resume=resume)
+        run.save_policy(os.path.join(cfg.out_dir, "policy"), tok)
+    finally:
+        run.close()
+    print(f"policy saved to {os.path.join(cfg.out_dir, 'policy')}")
