@@ -16,7 +16,9 @@ one optimizer step on all 64 rollouts (1 epoch, 1 minibatch), fp32, CPU.
 - ``trl-grpo-accum8``: the same with our micro-batching (8 x 8 rollouts, ``gradient_accumulation_steps=8``;
   TRL still generates all 64 at once), so the memory comparison does not hinge on micro-batching alone.
 TRL's vLLM integration is GPU-oriented (server/colocate) and is not used here.
-tokens = 64 x 128 generated tokens per iteration. peak_mb is the whole process's peak resident memory during
+tokens = 64 x 128 generated tokens per iteration (at most: rollouts stop at EOS). flops count what must be done
+for the iteration's real lengths (:func:`_flops`): no embedding lookup, the lm_head only where a next token is
+sampled or scored. peak_mb is the whole process's peak resident memory during
 one iteration after a warm-up one (``memory_scope="process"``: the models, the engine, the optimizer state and
 the iteration's activations all count), each impl in a fresh process that builds only its own trainer. One
 iteration takes tens of seconds on 2 CPU cores, so even ``--quick`` (one timed iteration per impl after a
@@ -52,6 +54,11 @@ def _assets():
     return task, tok, model_dir, prompts
 
 
+def _prompt_tokens(tok, prompts) -> int:
+    """Real prompt tokens of one iteration: every prompt once per sample."""
+    return SAMPLES * sum(len(tok(p)["input_ids"]) for p in prompts)
+
+
 def _ours_inputs() -> dict:
     from transformers import AutoModelForCausalLM
     from rlhf_fast.trainer.config import PPOConfig
@@ -67,7 +74,8 @@ def _ours_inputs() -> dict:
                     progress=False)
     score = lambda ps, cs: [task.true_score(p, c) for p, c in zip(ps, cs)]
     trainer = PPOTrainer(cfg, policy, tok, prompts, engine, reward_fn=score)
-    return {"trainer": trainer, "step": 0, "last": {}, "engine": type(engine).__name__}
+    return {"trainer": trainer, "step": 0, "last": {}, "engine": type(engine).__name__,
+            "prompt_tokens": _prompt_tokens(tok, prompts)}
 
 
 def _ours(state: dict) -> None:
@@ -89,10 +97,15 @@ def _trl_inputs(micro_batches: int) -> dict:
                       beta=0.0, num_iterations=1, use_cpu=True, report_to="none",
                       save_strategy="no", logging_strategy="no", disable_tqdm=True, bf16=False, temperature=1.0,
                       dataloader_num_workers=0, seed=0)
-    score = lambda prompts, completions, **kw: [task.true_score(p, c) for p, c in zip(prompts, completions)]
+    state = {"lengths": [], "prompt_tokens": _prompt_tokens(tok, prompts)}
+
+    def score(prompts, completions, completion_ids, **kw):
+        state["lengths"] = [len(c) for c in completion_ids]      # the real response lengths, for the FLOP count
+        return [task.true_score(p, c) for p, c in zip(prompts, completions)]
     trainer = GRPOTrainer(model=model, reward_funcs=score, args=args,
                           train_dataset=Dataset.from_dict({"prompt": prompts * 4}), processing_class=tok)
-    return {"trainer": trainer}
+    state["trainer"] = trainer
+    return state
 
 
 def _trl(state: dict) -> None:
@@ -109,23 +122,35 @@ def _lazy(impl: str, build, step):
 
 
 def _row_extra(impl: str, inputs: dict) -> dict:
+    state = inputs[impl]
     if impl != "rlhf_fast":
-        return {"engine": "hf-generate"}
-    last = inputs["rlhf_fast"]["last"]
+        return {"engine": "hf-generate", "generated_tokens": sum(state["lengths"]),
+                "flops": _flops(state["prompt_tokens"], sum(state["lengths"]))}
+    last = state["last"]
     out = {k: round(v, 3) for k, v in last.items() if k.startswith("time_")}
-    out["engine"] = inputs["rlhf_fast"]["engine"]
+    out["engine"] = state["engine"]
     out["generated_tokens"] = last.get("tokens")
+    out["flops"] = _flops(state["prompt_tokens"], last["tokens"])
     return out
 
 
-def _flops() -> float:
-    """2 N per generated token (rollouts) + 6 N per trained token (forward + backward), N = parameters."""
+def _flops(prompt_tokens: int, response_tokens: int) -> float:
+    """Matmul FLOPs of one iteration for its real lengths, P the decoder's matrix parameters (no embedding, no
+    lm_head, no norms), H x V the lm_head, p_i / l_i the real prompt / response lengths of the R rollouts::
+
+        generate: 2 P (p_i + l_i - 1) + 2 H V l_i         (the last token is never fed back; one lm_head per sample)
+        update:   6 P (p_i + l_i - 1) + 6 H V l_i         (forward + backward; the lm_head on response positions)
+
+    Attention's score/value products (~2% here at <= 136 positions) are left out, so the roofline % is a floor."""
     from rlhf_fast.models import tiny_llama_config
     from transformers import LlamaForCausalLM
     with torch.device("meta"):
-        n = sum(p.numel() for p in LlamaForCausalLM(tiny_llama_config(VOCAB, 512, 6, 1408)).parameters())
-    rows, prompt_tokens = PROMPTS * SAMPLES, 8
-    return 2 * n * rows * NEW_TOKENS + 6 * n * rows * (prompt_tokens + NEW_TOKENS)
+        model = LlamaForCausalLM(tiny_llama_config(VOCAB, 512, 6, 1408))
+    decoder = sum(p.numel() for n, p in model.named_parameters()
+                  if p.dim() == 2 and "embed_tokens" not in n and "lm_head" not in n)
+    head = model.lm_head.weight.numel()
+    positions = prompt_tokens + response_tokens - PROMPTS * SAMPLES
+    return 8.0 * decoder * positions + 8.0 * head * response_tokens
 
 
 def cases(quick: bool, device: str) -> list[Case]:
@@ -135,5 +160,5 @@ def cases(quick: bool, device: str) -> list[Case]:
         impls[f"trl-grpo-accum{MICRO_BATCHES}"] = _lazy(f"trl-grpo-accum{MICRO_BATCHES}",
                                                          lambda: _trl_inputs(MICRO_BATCHES), _trl)
     return [Case(name=f"M50xP{PROMPTS * SAMPLES}xN{NEW_TOKENS}", make_inputs=dict, impls=impls,
-                 tokens=PROMPTS * SAMPLES * NEW_TOKENS, flops=_flops(), min_reps=1 if quick else 2, budget_s=0.0,
+                 tokens=PROMPTS * SAMPLES * NEW_TOKENS, min_reps=1 if quick else 2, budget_s=0.0,
                  memory_scope="process", row_extra=_row_extra, size_label="generated tokens")]
