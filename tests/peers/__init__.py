@@ -89,10 +89,10 @@ def openrlhf_module(name: str) -> types.ModuleType:
         return importlib.import_module(f"openrlhf.models.{name}")
 
 
-def source_function(package: str, relpath: str, qualname: str):
+def source_function(package: str, relpath: str, qualname: str, **names):
     """The function ``qualname`` ("Class.method" or "func") defined in ``<package>/<relpath>``, compiled from
-    the installed source with torch and typing names in scope. Methods are returned unbound (pass ``None``
-    as ``self`` when the method does not use it)."""
+    the installed source with torch, typing names and ``names`` (the module's other globals it uses) in scope.
+    Methods are returned unbound (pass ``None`` as ``self`` when the method does not use it)."""
     path = _package_root(package) / relpath
     tree = ast.parse(path.read_text(), filename=str(path))
     *owners, fname = qualname.split(".")
@@ -100,6 +100,6 @@ def source_function(package: str, relpath: str, qualname: str):
     for owner in owners:
         body = next(n for n in body if isinstance(n, ast.ClassDef) and n.name == owner).body
     node = next(n for n in body if isinstance(n, ast.FunctionDef) and n.name == fname)
-    namespace = {"torch": torch, **{k: getattr(typing, k) for k in typing.__all__}}
+    namespace = {"torch": torch, **{k: getattr(typing, k) for k in typing.__all__}, **names}
     exec(compile(ast.Module(body=[node], type_ignores=[]), str(path), "exec"), namespace)  # noqa: S102
     return namespace[fname]
