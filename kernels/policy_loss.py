@@ -1,6 +1,6 @@
 """Clipped PPO policy loss (Triton): one fused forward and one fused backward kernel.
 
-A program owns ``ROWS`` rows and sweeps them in ``BLOCK_T`` chunks (``rlhf_fast.kernels._tiling``).
+A program owns ``ROWS`` rows and sweeps them in ``BLOCK_T`` chunks (``rlhf_fast.kernels.configs``).
 Forward: per-row partials ``[B, 10]`` fp32 in the column order of ``rlhf_fast.ops.policy_loss.POLICY_PARTS``
 (and, with TOKEN_OUT, the masked per-token loss); backward: ``dlogp = coef * m * dpg/dlogp`` with ``coef``
 the per-row ``g * s_b`` or the per-token upstream gradient. Per-token math as in the op's docstring.
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_fast.kernels._tiling import row_tiling
+from rlhf_fast.kernels.configs import ROW_WARPS, row_tiling
 
 @triton.jit
 def _policy_token(lp, olp, a, rlp, lo, hi, dual, cap, HAS_TIS: tl.constexpr):
@@ -52,8 +52,9 @@ def _load_token(lp_ptr, olp_ptr, a_ptr, rlp_ptr, m_ptr, offs, ok, HAS_TIS: tl.co
 
 
 @triton.jit
-def _policy_fwd_kernel(lp_ptr, olp_ptr, a_ptr, rlp_ptr, m_ptr, parts_ptr, tok_ptr, R, T, lo, hi, dual, cap,
-                       HAS_TIS: tl.constexpr, TOKEN_OUT: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr):
+def _policy_fwd_kernel(lp_ptr, olp_ptr, a_ptr, rlp_ptr, w_ptr, m_ptr, parts_ptr, tok_ptr, R, T, lo, hi, dual, cap,
+                       HAS_TIS: tl.constexpr, HAS_W: tl.constexpr, TOKEN_OUT: tl.constexpr, ROWS: tl.constexpr,
+                       BLOCK_T: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < R
     cols = tl.arange(0, BLOCK_T)
@@ -73,6 +74,8 @@ def _policy_fwd_kernel(lp_ptr, olp_ptr, a_ptr, rlp_ptr, m_ptr, parts_ptr, tok_pt
         offs = rows[:, None] * T + t[None, :]
         m, lp, olp, a, rlp = _load_token(lp_ptr, olp_ptr, a_ptr, rlp_ptr, m_ptr, offs, ok, HAS_TIS)
         pg, _dpg, r, lr, w, clip, dual_on, w_clip = _policy_token(lp, olp, a, rlp, lo, hi, dual, cap, HAS_TIS)
+        if HAS_W:
+            pg = pg * tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         pg = tl.where(m, pg, 0.0)
         if TOKEN_OUT:
             tl.store(tok_ptr + offs, pg, mask=ok)
@@ -100,9 +103,9 @@ def _policy_fwd_kernel(lp_ptr, olp_ptr, a_ptr, rlp_ptr, m_ptr, parts_ptr, tok_pt
 
 
 @triton.jit
-def _policy_bwd_kernel(lp_ptr, olp_ptr, a_ptr, rlp_ptr, m_ptr, coef_ptr, grad_ptr, R, T, lo, hi, dual, cap,
-                       HAS_TIS: tl.constexpr, COEF_PER_TOKEN: tl.constexpr, ROWS: tl.constexpr,
-                       BLOCK_T: tl.constexpr):
+def _policy_bwd_kernel(lp_ptr, olp_ptr, a_ptr, rlp_ptr, w_ptr, m_ptr, coef_ptr, grad_ptr, R, T, lo, hi, dual,
+                       cap, HAS_TIS: tl.constexpr, HAS_W: tl.constexpr, COEF_PER_TOKEN: tl.constexpr,
+                       ROWS: tl.constexpr, BLOCK_T: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < R
     cols = tl.arange(0, BLOCK_T)
@@ -118,41 +121,45 @@ def _policy_bwd_kernel(lp_ptr, olp_ptr, a_ptr, rlp_ptr, m_ptr, coef_ptr, grad_pt
             g = tl.load(coef_ptr + offs, mask=ok, other=0.0)
         else:
             g = row_c[:, None]
+        if HAS_W:
+            dpg = dpg * tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         tl.store(grad_ptr + offs, tl.where(m, g * dpg, 0.0).to(grad_ptr.dtype.element_ty), mask=ok)
 
 
-def _args(logp, old_logp, advantages, mask, rollout_logp):
+def _args(logp, old_logp, advantages, mask, rollout_logp, weight):
+    """Kernel pointers (absent optional inputs point at ``logp``, never read) and their HAS_TIS / HAS_W flags."""
     m = mask.view(torch.uint8)
-    has_tis = rollout_logp is not None
-    return (logp, old_logp, advantages, rollout_logp if has_tis else logp, m), has_tis
+    flags = dict(HAS_TIS=rollout_logp is not None, HAS_W=weight is not None)
+    return (logp, old_logp, advantages, logp if rollout_logp is None else rollout_logp,
+            logp if weight is None else weight, m), flags
 
 
-def policy_loss_forward_triton(logp, old_logp, advantages, mask, rollout_logp, clip_low, clip_high, dual_clip,
-                               tis_cap, token_out: bool):
+def policy_loss_forward_triton(logp, old_logp, advantages, mask, rollout_logp, weight, clip_low, clip_high,
+                               dual_clip, tis_cap, token_out: bool):
     """``(parts [B, 10] fp32, token_loss [B, T] fp32 or None)``; contiguous inputs, bool mask."""
     B, T = logp.shape
     parts = torch.zeros(B, 10, dtype=torch.float32, device=logp.device)
     tok = torch.empty(B, T, dtype=torch.float32, device=logp.device) if token_out else None
     if B == 0 or T == 0:
         return parts, tok
-    ptrs, has_tis = _args(logp, old_logp, advantages, mask, rollout_logp)
+    ptrs, flags = _args(logp, old_logp, advantages, mask, rollout_logp, weight)
     rows, block_t, grid = row_tiling(B, T)
     _policy_fwd_kernel[grid](*ptrs, parts, tok if token_out else parts, B, T, 1.0 - clip_low, 1.0 + clip_high,
-                             dual_clip, tis_cap, HAS_TIS=has_tis, TOKEN_OUT=token_out, ROWS=rows, BLOCK_T=block_t,
-                             num_warps=4)
+                             dual_clip, tis_cap, **flags, TOKEN_OUT=token_out, ROWS=rows, BLOCK_T=block_t,
+                             num_warps=ROW_WARPS)
     return parts, tok
 
 
-def policy_loss_backward_triton(logp, old_logp, advantages, mask, rollout_logp, coef, clip_low, clip_high,
+def policy_loss_backward_triton(logp, old_logp, advantages, mask, rollout_logp, weight, coef, clip_low, clip_high,
                                 dual_clip, tis_cap):
     """``dloss/dlogp`` ``[B, T]`` in the dtype of ``logp``; ``coef`` ``[B]`` (per row) or ``[B, T]``, contiguous."""
     B, T = logp.shape
     grad = torch.empty_like(logp)
     if B == 0 or T == 0:
         return grad
-    ptrs, has_tis = _args(logp, old_logp, advantages, mask, rollout_logp)
+    ptrs, flags = _args(logp, old_logp, advantages, mask, rollout_logp, weight)
     rows, block_t, grid = row_tiling(B, T)
     _policy_bwd_kernel[grid](*ptrs, coef, grad, B, T, 1.0 - clip_low, 1.0 + clip_high, dual_clip, tis_cap,
-                             HAS_TIS=has_tis, COEF_PER_TOKEN=coef.dim() == 2, ROWS=rows, BLOCK_T=block_t,
-                             num_warps=4)
+                             **flags, COEF_PER_TOKEN=coef.dim() == 2, ROWS=rows, BLOCK_T=block_t,
+                             num_warps=ROW_WARPS)
     return grad

@@ -9,11 +9,11 @@ import torch
 from _trainer_common import one_thread, params_equal, sevens, strip_timings, tiny_policy, tokenizer  # noqa: F401
 from rlhf_fast.data import SortTask
 from rlhf_fast.models import RewardModel, save_model
-from rlhf_fast.rollout import HFEngine
+from rlhf_fast.rollout import HFEngine, logprob_mismatch
 from rlhf_fast.trainer.base import NonFiniteLossError
 from rlhf_fast.trainer.checkpoint import list_checkpoints
 from rlhf_fast.trainer.config import PPOConfig
-from rlhf_fast.trainer.ppo import PPOTrainer
+from rlhf_fast.trainer.ppo import PPOTrainer, RolloutMismatchError
 
 PROMPTS = SortTask().prompts(128, seed=0)
 
@@ -35,6 +35,7 @@ def make_trainer(out_dir, steps, tok=None, reward_fn=sevens, engine=None, **over
     ("grpo", {}),
     ("rloo", {}),
     ("reinforce++", {"kl_target": 1.0, "kl_horizon": 100.0}),
+    ("grpo", {"policy_loss": "gspo", "loss_agg": "seq-mean-token-mean"}),
 ])
 def test_ppo_raises_a_simple_reward(tmp_path, estimator, extra):
     recs = make_trainer(tmp_path, 8, estimator=estimator, **extra).train()
@@ -49,36 +50,57 @@ def test_ppo_raises_a_simple_reward(tmp_path, estimator, extra):
 @pytest.mark.parametrize("grad_accum", [1, 4])
 def test_single_on_policy_pass_equals_a_scoring_pass(tmp_path, grad_accum):
     """1 epoch, 1 minibatch, no reference: the update's own detached log-probs stand in for the scoring forward,
-    also across micro-batches (no optimizer step comes between them). Same update as with old_logp computed."""
+    also across micro-batches (no optimizer step comes between them). Same update as with old_logp computed;
+    the experience is not written to; the update returns the mismatch of its own log-probs."""
     import copy
+    import dataclasses
     kw = dict(estimator="grpo", kl_coef=0.0, ppo_epochs=1, minibatch_size=32, grad_accum=grad_accum, lr=1e-2)
     t = make_trainer(tmp_path, 1, **kw)
     batch = t.generate(t.prompt_ids[:8], 4, 123)
-    exp, _ = t.make_experience(batch, torch.randn(32, generator=torch.Generator().manual_seed(1)))
-    assert exp.old_logp is None
+    exp, stats = t.make_experience(batch, torch.randn(32, generator=torch.Generator().manual_seed(1)))
+    assert exp.old_logp is None and "mismatch_abs_diff_max" not in stats
     twin = copy.deepcopy(t)
-    scored = copy.copy(exp)
     with torch.no_grad():
-        scored.old_logp = twin._logprobs(twin.policy, exp.input_ids, exp.attention_mask, exp.response_mask_full,
-                                         exp.prompt_len)
-    scored.onpolicy_logp = None
+        old = twin.forward(exp.input_ids, exp.attention_mask, exp.response_mask_full, exp.prompt_len).logp
+    scored = dataclasses.replace(exp, old_logp=old)
+    before = {k: v.clone() for k, v in vars(exp).items() if isinstance(v, torch.Tensor)}
     single, two_pass = t.update(exp, 0), twin.update(scored, 0)
+    assert all(torch.equal(getattr(exp, k), v) for k, v in before.items())
     for p, q in zip(t.policy.parameters(), twin.policy.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     assert single["policy_loss"] == pytest.approx(two_pass["policy_loss"], abs=1e-6)
-    torch.testing.assert_close(exp.onpolicy_logp, scored.old_logp, rtol=0, atol=1e-5)
-    assert "mismatch_abs_diff_max" in single and "mismatch_abs_diff_max" not in two_pass
+    expected = logprob_mismatch(exp.rollout_logp, old, exp.mask)
+    assert single["mismatch_abs_diff_max"] == pytest.approx(expected["abs_diff_max"], abs=1e-5)
+    assert "mismatch_abs_diff_max" not in two_pass
+
+
+def test_value_head_runs_the_backbone_once_per_micro_batch(tmp_path):
+    """critic="head": the value head reads the policy forward's hidden states; one backbone pass per
+    micro-batch in the update and one in scoring."""
+    t = make_trainer(tmp_path, 1, critic="head", grad_accum=2, ppo_epochs=1, kl_coef=0.0, minibatch_size=16)
+    calls = []
+    hook = t.policy.model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        batch = t.generate(t.prompt_ids[:8], 4, 5)
+        calls.clear()
+        exp, _ = t.make_experience(batch, torch.randn(32))
+        assert len(calls) == 1
+        calls.clear()
+        t.update(exp, 0)
+        assert len(calls) == 2 * 2          # 2 minibatches x 2 micro-batches
+    finally:
+        hook.remove()
 
 
 def test_ppo_ptx_and_fixed_kl_in_logs(tmp_path):
     records = SortTask().sft_examples(32, seed=1)
     with pytest.raises(ValueError, match="ptx_coef > 0 needs ptx_records"):
-        make_trainer(tmp_path, 2, ptx_coef=0.5)
+        make_trainer(tmp_path, 2, ptx_coef=0.5, ptx_data="ptx.jsonl")
     tok = tokenizer()
     torch.manual_seed(0)
     policy = tiny_policy(tok)
     t = PPOTrainer(PPOConfig(out_dir=str(tmp_path), steps=2, batch_size=8, samples_per_prompt=2, max_new_tokens=4,
-                             minibatch_size=8, ptx_coef=0.5, progress=False),
+                             minibatch_size=8, ptx_coef=0.5, ptx_data="ptx.jsonl", grad_accum=2, progress=False),
                    policy, tok, PROMPTS, HFEngine(policy, tok, max_model_len=24), reward_fn=sevens,
                    ptx_records=records)
     out = t.train()
@@ -158,3 +180,29 @@ def test_ppo_with_vllm_rollouts(tmp_path, monkeypatch):
         assert sum(r["score"] for r in recs[-2:]) / 2 > recs[0]["score"] + 0.2
     finally:
         engine.close()
+
+
+class _NoSyncHFEngine(HFEngine):
+    """A real HF engine whose weight sync is broken: it keeps generating from the weights it was built with."""
+
+    def _sync_weights(self, model):
+        pass
+
+
+def test_mismatch_guard_stops_a_run_whose_engine_is_not_synced(tmp_path):
+    tok = tokenizer()
+    torch.manual_seed(0)
+    policy = tiny_policy(tok)
+    import copy
+    engine = _NoSyncHFEngine(copy.deepcopy(policy), tok, max_model_len=24)
+    cfg = PPOConfig(out_dir=str(tmp_path), steps=6, batch_size=8, samples_per_prompt=4, max_new_tokens=4, lr=3e-2,
+                    critic_lr=3e-3, minibatch_size=16, kl_coef=0.01, save_every=1, max_mismatch=0.05,
+                    progress=False)
+    t = PPOTrainer(cfg, policy, tok, PROMPTS, engine, reward_fn=sevens)
+    with pytest.raises(RolloutMismatchError, match=r"(?s)step 2: mean \|log pi_engine - log pi_learner\|.*"
+                                                   r"weight sync.*temperature.*tokenizer.*step_000001"):
+        t.train()
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1]
+    # a synced engine on the same run passes the guard
+    recs = make_trainer(tmp_path / "ok", 2, max_mismatch=0.05).train()
+    assert max(r["mismatch_abs_diff_mean"] for r in recs) < 1e-4

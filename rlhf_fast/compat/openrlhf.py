@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from rlhf_fast._validation import check_choice, check_mask, check_tensor
-from rlhf_fast.compat._common import global_batch_scale
+from rlhf_fast.ops.agg import global_batch_scale
 from rlhf_fast.ops.gae import gae
 from rlhf_fast.ops.kl import kl_penalty
 from rlhf_fast.ops.masked import masked_mean

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_fast._validation import check_choice, check_mask
-from rlhf_fast.compat._common import GLOBAL_BATCH_KEYS, global_batch_scale, whiten_everywhere
-from rlhf_fast.ops.agg import aggregate
+from rlhf_fast.compat._common import whiten_everywhere
+from rlhf_fast.ops.agg import GLOBAL_BATCH_KEYS, aggregate, global_batch_scale
 from rlhf_fast.ops.gae import gae
 from rlhf_fast.ops.kl import kl_penalty as _kl_penalty
 from rlhf_fast.ops.policy_loss import ppo_policy_loss
@@ -59,7 +59,7 @@ def compute_gae_advantage_return(token_level_rewards: torch.Tensor, values: torc
 
 def kl_penalty(logprob: torch.FloatTensor, ref_logprob: torch.FloatTensor, kl_penalty) -> torch.FloatTensor:
     """verl's per-token KL: ``"kl"|"k1"`` x, ``"abs"`` |x|, ``"mse"|"k2"`` x^2/2, ``"low_var_kl"|"k3"``
-    exp(-x) + x - 1 clamped to [-10, 10], with x = logprob - ref_logprob; a ``"+"`` suffix keeps the value and
+    expm1(-x) + x clamped to [-10, 10], with x = logprob - ref_logprob; a ``"+"`` suffix keeps the value and
     takes the gradient of k2 (straight-through). ``"full"`` is NotImplementedError, as in verl."""
     name = kl_penalty
     if name in ("full", "full+"):

@@ -8,26 +8,15 @@ from __future__ import annotations
 
 import torch
 
+from rlhf_fast.rollout.batch import pack as pack_rollout
+
 
 def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-pad ``prompts``, right-pad ``completions`` and concatenate (lists of token-id lists)."""
-    if len(prompts) != len(completions):
-        raise ValueError(f"prompts and completions must have one entry each, got {len(prompts)} and "
-                         f"{len(completions)}")
-    B = len(prompts)
-    P = max(len(p) for p in prompts)
-    R = max(max((len(c) for c in completions), default=0), 1)
-    ids = torch.full((B, P + R), pad_id, dtype=torch.long)
-    attn = torch.zeros(B, P + R, dtype=torch.bool)
-    resp = torch.zeros(B, P + R, dtype=torch.bool)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        ids[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
-        attn[i, P - len(p):P] = True
-        if c:
-            ids[i, P:P + len(c)] = torch.tensor(c, dtype=torch.long)
-            attn[i, P:P + len(c)] = True
-            resp[i, P:P + len(c)] = True
-    return {"input_ids": ids, "attention_mask": attn, "response_mask": resp}
+    """Left-pad ``prompts``, right-pad ``completions`` and concatenate (lists of token-id lists):
+    :func:`rlhf_fast.rollout.batch.pack` in the ``[B, L]`` sequence layout."""
+    prompt_ids, response_ids, attn, resp = pack_rollout(prompts, completions, pad_id)
+    return {"input_ids": torch.cat([prompt_ids, response_ids], 1), "attention_mask": attn,
+            "response_mask": torch.cat([torch.zeros_like(prompt_ids, dtype=torch.bool), resp], 1)}
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:

@@ -11,7 +11,8 @@ logits never exist). The head is ``model.get_output_embeddings()`` (tied embeddi
 any; the config's logit transforms are applied inside the fused op: ``logit_scale`` (Cohere, multiplies) and
 ``logits_scaling`` (Granite, divides) by scaling h and the bias, ``final_logit_softcapping`` (Gemma-2:
 ``c * tanh(z / c)``) as the op's ``softcap``. Position ids follow the attention mask, as HF ``generate`` does,
-so left-padded batches score like unpadded ones.
+so left-padded batches score like unpadded ones. ``return_hidden=True`` also returns ``h`` itself, so a value
+head on the same backbone (``critic="head"``) needs no second backbone forward.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from rlhf_fast._validation import check_mask, check_same_device, check_tensor
 from rlhf_fast.models.value_model import base_model
 from rlhf_fast.ops.linear_logprob import linear_logprobs
 
-__all__ = ["policy_logprobs"]
+__all__ = ["policy_logprobs", "decoder_hidden", "lm_head_inputs"]
 
 
 def _decoder(model: nn.Module) -> nn.Module:
@@ -33,10 +34,31 @@ def _decoder(model: nn.Module) -> nn.Module:
     return decoder if isinstance(decoder, nn.Module) and decoder is not model else base_model(model)
 
 
+def decoder_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The decoder's last hidden states ``[B, L, H]`` (final norm included), position ids from the attention mask."""
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return _decoder(model)(input_ids=input_ids, attention_mask=attention_mask.long(),
+                           position_ids=position_ids).last_hidden_state
+
+
+def lm_head_inputs(model: nn.Module, h: torch.Tensor):
+    """``(h', weight, bias', softcap)`` with the config's logit transforms folded in, so that the model's logits
+    are ``softcap(h' @ weight^T + bias')`` (``c tanh(z / c)``, or none): the inputs of the fused lm_head ops."""
+    head = model.get_output_embeddings()
+    weight, bias = head.weight, getattr(head, "bias", None)
+    config = model.config
+    scale = float(getattr(config, "logit_scale", None) or 1.0) / float(getattr(config, "logits_scaling", None) or 1.0)
+    if scale != 1.0:
+        h = h * scale
+        bias = None if bias is None else bias * scale
+    return h.to(weight.dtype), weight, bias, getattr(config, "final_logit_softcapping", None)
+
+
 def policy_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     response_mask: torch.Tensor, temperature: float = 1.0, return_entropy: bool = False,
-                    backend: str = "auto") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """``logp`` [B, L] fp32 aligned with ``input_ids`` (0 outside ``response_mask``), and the entropy if asked.
+                    return_hidden: bool = False, backend: str = "auto") -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """``logp`` [B, L] fp32 aligned with ``input_ids`` (0 outside ``response_mask``), then the entropy and the
+    last hidden states ``[B, L, H]`` (final norm included, the model's dtype) if asked, in that order.
 
     Args:
         model: a HF causal LM (``get_output_embeddings()`` and a decoder returning ``last_hidden_state``).
@@ -45,6 +67,7 @@ def policy_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
         response_mask: [B, L] bool or {0,1}: the tokens to score; position 0 cannot be scored (no context).
         temperature: positive; logits are divided by it (after the model's own logit transforms).
         return_entropy: also return the entropy of the next-token distribution at each scored token.
+        return_hidden: also return the decoder's last hidden states (differentiable).
         backend: backend of :func:`rlhf_fast.ops.linear_logprobs`.
     Gradients flow into the model's parameters.
     """
@@ -59,25 +82,16 @@ def policy_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     if bool((response_mask & ~attention_mask).any()):
         raise ValueError("response_mask must lie inside attention_mask")
 
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    hidden = _decoder(model)(input_ids=input_ids, attention_mask=attention_mask.long(),
-                             position_ids=position_ids).last_hidden_state           # [B, L, H]
+    hidden = decoder_hidden(model, input_ids, attention_mask)                         # [B, L, H]
     scored = response_mask[:, 1:]                                                    # token t scored from h[t-1]
-    h = hidden[:, :-1][scored]                                                       # [n, H]
+    h, weight, bias, softcap = lm_head_inputs(model, hidden[:, :-1][scored])        # [n, H]
     labels = input_ids[:, 1:][scored]
-
-    head = model.get_output_embeddings()
-    weight, bias = head.weight, getattr(head, "bias", None)
-    config = model.config
-    scale = float(getattr(config, "logit_scale", None) or 1.0) / float(getattr(config, "logits_scaling", None) or 1.0)
-    if scale != 1.0:
-        h = h * scale
-        bias = None if bias is None else bias * scale
-    h = h.to(weight.dtype)
     out = linear_logprobs(h, weight, labels, bias=bias, temperature=temperature, return_entropy=return_entropy,
-                          softcap=getattr(config, "final_logit_softcapping", None), backend=backend)
+                          softcap=softcap, backend=backend)
 
     def _place(per_token: torch.Tensor) -> torch.Tensor:
         full = per_token.new_zeros(scored.shape).masked_scatter(scored, per_token)
         return F.pad(full, (1, 0))
-    return (_place(out[0]), _place(out[1])) if return_entropy else _place(out)
+    outs = (_place(out[0]), _place(out[1])) if return_entropy else (_place(out),)
+    outs += (hidden,) if return_hidden else ()
+    return outs if len(outs) > 1 else outs[0]

@@ -33,6 +33,10 @@ class ScalarHeadModel(nn.Module):
         mask = attention_mask.long()
         position_ids = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: positions count real tokens
         hidden = self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
+        return self.from_hidden(hidden)
+
+    def from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head on the backbone's last hidden states ``[B, L, H]`` -> ``[B, L]`` fp32."""
         return self.head(hidden.float()).squeeze(-1)
 
 

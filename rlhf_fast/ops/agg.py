@@ -15,6 +15,20 @@ Empty denominators count as 1 (an all-masked batch gives loss 0, never NaN; verl
 verl adds 1e-8 to n_b in "seq-mean-token-mean"; we divide by n_b exactly (relative difference 1e-8 / n_b).
 The fused kernels produce per-row sums and counts in their single pass, and the scalar loss is
 ``sum_b s_b * rowsum_b``; their backward writes ``dL/dl[b, t] = g * m[b, t] * s_b``.
+
+Global totals (gradient accumulation, data parallelism). A loss over a batch cut into pieces (micro-batches,
+ranks) must use the totals of the WHOLE batch, ``N`` and ``S``, not each piece's: then the pieces' losses add
+up to the batch's loss exactly. Every mode differs from its piece-local form by one scalar factor,
+``global_batch_scale`` (verl's ``agg_loss`` and OpenRLHF's ``aggregate_loss`` global arguments)::
+
+    token-mean                 dp_size * N_local / batch_num_tokens
+    token-sum                  dp_size
+    seq-mean-token-sum|-mean   dp_size * S_local / global_batch_size
+    seq-mean-token-sum-norm    as above, times T / loss_scale_factor          (T: the mask's width)
+
+An omitted total means the local one (factor 1 before ``dp_size``), allowed only when ``dp_size == 1``;
+``N_local``/``S_local`` count as at least 1. ``batch_totals(mask)`` gives ``(N, S)`` of the whole batch, to be
+taken before the first piece (the per-row ``n_b`` of "seq-mean-token-mean" is local to its row anyway).
 """
 from __future__ import annotations
 
@@ -22,6 +36,8 @@ import torch
 
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm",
              "none")
+SCALAR_AGG_MODES = AGG_MODES[:-1]       # the modes that reduce to a scalar loss
+GLOBAL_BATCH_KEYS = ("dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor")
 
 
 def row_scale(counts: torch.Tensor, width: int, agg: str) -> torch.Tensor:
@@ -47,3 +63,29 @@ def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, agg: str) -> torch.T
         return masked
     counts = mask.sum(-1).to(token_loss.dtype)
     return (masked * row_scale(counts, mask.shape[-1], agg)[:, None]).sum()
+
+
+def batch_totals(mask: torch.Tensor) -> tuple[int, int]:
+    """``(N, S)`` of bool ``mask`` ``[B, T]``: valid tokens and rows with at least one valid token."""
+    return int(mask.sum()), int(mask.any(-1).sum())
+
+
+def global_batch_scale(mask: torch.Tensor, agg: str, dp_size: int = 1, batch_num_tokens=None,
+                       global_batch_size=None, loss_scale_factor=None):
+    """Factor turning mode ``agg`` on the piece ``mask`` (bool ``[B, T]``) into the normalisation by the global
+    totals (see the module docstring). A Python float when no local count is needed, else a 0-dim tensor."""
+    if agg == "token-sum":
+        return float(dp_size)
+    token_level = agg == "token-mean"
+    total = batch_num_tokens if token_level else global_batch_size
+    if total is None:
+        if dp_size > 1:
+            name = "batch_num_tokens" if token_level else "global_batch_size"
+            raise ValueError(f"(global) {name} is required when dp_size > 1")
+        scale = 1.0
+    else:
+        local = mask.sum() if token_level else mask.any(-1).sum()
+        scale = local.clamp(min=1).float() * (dp_size / float(max(total, 1)))
+    if agg == "seq-mean-token-sum-norm" and loss_scale_factor is not None:
+        scale = scale * (mask.shape[-1] / float(loss_scale_factor))
+    return scale

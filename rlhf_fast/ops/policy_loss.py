@@ -7,9 +7,12 @@ Per token, all in fp32 (inputs ``[B, T]``, any float dtype; ``A`` = advantages):
     pg    = min(pg, -A * dual_clip)              where A < 0                  dual clip (Ye et al. 2020), dual_clip > 1
     w     = min(exp(clamp(old_logp - rollout_logp, -20, 20)), tis_cap)        truncated IS (Yao et al. 2025), detached;
     pg    = w * pg                                                            only when rollout_logp is given
+    pg    = weight * pg                                                       only when weight is given (detached)
     loss  = sum_{b,t} mask * s_b * pg                                         s_b: the ``agg`` mode (rlhf_fast.ops.agg)
 
-Gradient: ``dloss/dlogp = -g * s_b * m * w * A * r`` where neither clip is
+``weight`` is any per-token multiplier (precomputed IS weights, 0/1 token filters): it scales a token's loss and
+gradient but not the normalisation (``s_b`` counts the tokens of ``mask``), so a weight of 0 drops the token's
+contribution exactly. Gradient: ``dloss/dlogp = -g * s_b * m * weight * w * A * r`` where neither clip is
 active and ``|logp - old_logp| <= 20``, else 0. ``agg="none"`` returns the masked ``[B, T]`` matrix ``m * pg``.
 
 Stats (0-dim fp32, detached; means over the valid tokens, 0 on an all-masked batch):
@@ -41,8 +44,15 @@ POLICY_PARTS = ("loss_sum", "count", "clip", "clip_lower", "neg_log_ratio", "rat
 
 
 # ----------------------------------------------------------------------------------------- reference
+def tis_weight(old_logp: torch.Tensor, rollout_logp: torch.Tensor, tis_cap: float | None) -> torch.Tensor:
+    """Truncated-IS weight ``min(exp(clamp(old_logp - rollout_logp, -20, 20)), tis_cap)``, detached (uncapped for
+    ``tis_cap=None``); in the inputs' dtype."""
+    w = torch.exp(torch.clamp(old_logp - rollout_logp, -LOG_RATIO_BOUND, LOG_RATIO_BOUND)).detach()
+    return w if tis_cap is None else torch.clamp(w, max=tis_cap)
+
+
 def policy_loss_torch(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, dual_clip=None,
-                      agg="token-mean", rollout_logp=None, tis_cap=None, dtype=torch.float32):
+                      agg="token-mean", rollout_logp=None, tis_cap=None, weight=None, dtype=torch.float32):
     """Reference: the formulas of the module docstring in ``dtype`` with plain autograd. ``mask`` bool.
     Padded positions are zeroed first, so whatever they hold (even NaN) reaches neither the loss nor the grad."""
     def valid(x):
@@ -60,9 +70,11 @@ def policy_loss_torch(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=
         dual_active = (adv < 0) & (pg > pg3)
         pg = torch.where(adv < 0, torch.minimum(pg, pg3), pg)
     if rollout_logp is not None:
-        w_raw = torch.exp(torch.clamp(old - valid(rollout_logp), -LOG_RATIO_BOUND, LOG_RATIO_BOUND)).detach()
+        w_raw = tis_weight(old, valid(rollout_logp), None)
         w = w_raw if tis_cap is None else torch.clamp(w_raw, max=tis_cap)
         pg = pg * w
+    if weight is not None:
+        pg = pg * valid(weight).detach()
     loss = aggregate(pg, mask, agg)
 
     def mean(x):
@@ -100,8 +112,8 @@ class _FusedPolicyLoss(torch.autograd.Function):
     backward is ``coef * dtok``. triton: the backward kernel recomputes it from the saved inputs."""
 
     @staticmethod
-    def forward(ctx, logp, old_logp, advantages, mask, rollout_logp, params, agg, backend):
-        tensors = (logp, old_logp, advantages, mask, rollout_logp)
+    def forward(ctx, logp, old_logp, advantages, mask, rollout_logp, weight, params, agg, backend):
+        tensors = (logp, old_logp, advantages, mask, rollout_logp, weight)
         ctx.stashed = backend == "native" and ctx.needs_input_grad[0]
         parts, token_loss, dtok = _launch_forward(backend, tensors, params, agg == "none", ctx.stashed)
         scale = row_scale(parts[:, 1], logp.shape[1], agg)
@@ -109,8 +121,9 @@ class _FusedPolicyLoss(torch.autograd.Function):
         if ctx.stashed:
             ctx.save_for_backward(dtok, mask, scale)
         else:
-            ctx.save_for_backward(*(t for t in tensors if t is not None), scale)
-        ctx.has_tis, ctx.params, ctx.agg, ctx.backend = rollout_logp is not None, params, agg, backend
+            ctx.save_for_backward(*tensors[:4], *(t for t in tensors[4:] if t is not None), scale)
+        ctx.has_tis, ctx.has_weight = rollout_logp is not None, weight is not None
+        ctx.params, ctx.agg, ctx.backend = params, agg, backend
         ctx.logp_dtype = logp.dtype
         ctx.mark_non_differentiable(parts)
         return loss, parts
@@ -123,14 +136,14 @@ class _FusedPolicyLoss(torch.autograd.Function):
                 grad = torch.where(mask, grad_loss, 0.0) * dtok
             else:
                 grad = dtok * (grad_loss * scale)[:, None]
-            return grad.to(ctx.logp_dtype), None, None, None, None, None, None, None
-        *tensors, scale = ctx.saved_tensors
-        if not ctx.has_tis:
-            tensors.append(None)
+            return grad.to(ctx.logp_dtype), *([None] * 8)
+        *saved, scale = ctx.saved_tensors
+        optional = iter(saved[4:])
+        tensors = (*saved[:4], next(optional) if ctx.has_tis else None, next(optional) if ctx.has_weight else None)
         coef = grad_loss.contiguous() if ctx.agg == "none" else (grad_loss * scale).contiguous()
         from rlhf_fast.kernels.policy_loss import policy_loss_backward_triton
         grad = policy_loss_backward_triton(*tensors, coef, *ctx.params)
-        return grad, None, None, None, None, None, None, None
+        return grad, *([None] * 8)
 
 
 def _stats_from_parts(parts: torch.Tensor, has_tis: bool) -> dict[str, torch.Tensor]:
@@ -155,7 +168,7 @@ def _stats_from_parts(parts: torch.Tensor, has_tis: bool) -> dict[str, torch.Ten
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                     clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = None,
                     agg: str = "token-mean", rollout_logp: torch.Tensor | None = None, tis_cap: float | None = None,
-                    backend: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                    weight: torch.Tensor | None = None, backend: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped PPO policy loss and its stats; see the module docstring. Inputs ``[B, T]``.
 
     Returns ``(loss, stats)``: loss a 0-dim fp32 tensor differentiable w.r.t. ``logp`` (``[B, T]`` for
@@ -165,12 +178,13 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     for name, t in (("old_logp", old_logp), ("advantages", advantages)):
         check_tensor(name, t, floating=True)
         check_same_shape(name, t, "logp", logp)
-    if rollout_logp is not None:
-        check_tensor("rollout_logp", rollout_logp, floating=True)
-        check_same_shape("rollout_logp", rollout_logp, "logp", logp)
+    for name, t in (("rollout_logp", rollout_logp), ("weight", weight)):
+        if t is not None:
+            check_tensor(name, t, floating=True)
+            check_same_shape(name, t, "logp", logp)
     mask = check_mask("mask", mask, logp.shape)
     check_same_device({"logp": logp, "old_logp": old_logp, "advantages": advantages, "mask": mask,
-                       "rollout_logp": rollout_logp})
+                       "rollout_logp": rollout_logp, "weight": weight})
     clip_low = check_in_range("clip_low", clip_low, 0.0, 1.0)
     clip_high = check_in_range("clip_high", clip_high, 0.0, math.inf)
     if dual_clip is not None and not (isinstance(dual_clip, (int, float)) and dual_clip > 1):
@@ -183,10 +197,11 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     backend = resolve_backend(backend, logp)
     if backend == "torch":
         return policy_loss_torch(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg,
-                                 rollout_logp, tis_cap)
+                                 rollout_logp, tis_cap, weight)
     # A disabled dual clip is 1e30 (not inf: -A * inf is NaN at A = 0); it never binds as the ratio is <= e^20.
     params = (clip_low, clip_high, _NO_DUAL_CLIP if dual_clip is None else float(dual_clip),
               math.inf if tis_cap is None else float(tis_cap))
-    inputs = [t.detach().contiguous() if t is not None else None for t in (old_logp, advantages, mask, rollout_logp)]
+    inputs = [t.detach().contiguous() if t is not None else None
+              for t in (old_logp, advantages, mask, rollout_logp, weight)]
     loss, parts = _FusedPolicyLoss.apply(logp.contiguous(), *inputs, params, agg, backend)
     return loss, _stats_from_parts(parts, rollout_logp is not None)

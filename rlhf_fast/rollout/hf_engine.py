@@ -14,6 +14,7 @@ import contextlib
 import torch
 
 from rlhf_fast.rollout.base import RolloutEngine, Sample, SamplingConfig
+from rlhf_fast.rollout.batch import pack
 
 
 def _special_ids(model, tokenizer, pad_token_id, eos_token_id) -> tuple[int, int | None]:
@@ -53,12 +54,9 @@ class HFEngine(RolloutEngine):
     @torch.no_grad()
     def _generate(self, prompts: list[list[int]], cfg: SamplingConfig) -> list[Sample]:
         device = next(self.model.parameters()).device
-        P = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), P), self.pad_token_id, dtype=torch.long)
-        attn = torch.zeros(len(prompts), P, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, P - len(p):] = torch.tensor(p)
-            attn[i, P - len(p):] = 1
+        ids, _, attn, _ = pack(prompts, [[]] * len(prompts), self.pad_token_id)
+        P = ids.shape[1]
+        attn = attn[:, :P].long()
         stops = ([self.eos_token_id] if self.eos_token_id is not None else []) + list(cfg.stop_token_ids)
         kwargs = dict(do_sample=False) if cfg.greedy else dict(
             do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or 0)

@@ -1,64 +1,52 @@
-"""PPO for RLHF (Ziegler et al. 2019; Stiennon et al. 2020; InstructGPT) and its critic-free cousins.
+"""PPO for RLHF (Ziegler et al. 2019; Stiennon et al. 2020; InstructGPT) and its critic-free cousins: the recipe.
 
-One iteration (all math through :mod:`rlhf_fast.ops`; policy log-probs through the fused lm_head path)::
+One iteration; the algorithm lives in :mod:`rlhf_fast.algos`, the math in :mod:`rlhf_fast.ops`::
 
-    rollout    y ~ pi_tau(. | x) from the engine (vLLM or HF generate), seeds derived from (seed, step)
-    scoring    old_logp = log pi(y|x), ref_logp = log rho(y|x), V = critic, s = r(x, y) (reward model or callable)
-    shaping    rewards[t] = s * [t = last] - beta * KL_t          (ops.shape_rewards; beta from the KL controller)
-    advantage  gae:         A, R = ops.gae(rewards, V, mask, gamma, lam); A <- whiten(A)
-               grpo / rloo: sequence return G = sum_t rewards[t];  A = ops.grpo_advantages / ops.rloo_advantages
-                            over each prompt's samples_per_prompt completions, broadcast to tokens
-               reinforce++: R = ops.reinforce_pp_returns(rewards, mask, gamma); A = whiten(R)
-    update     ppo_epochs x minibatches (x grad_accum micro-batches):
-               loss = ops.ppo_policy_loss + vf_coef * ops.ppo_value_loss - entropy_coef * H + ptx_coef * L_ptx
-    sync       engine.sync_weights(policy)
+    rollout     y ~ pi_tau(. | x) from the engine (vLLM or HF generate), seeds derived from (seed, step)
+    scoring     old_logp = log pi(y|x), ref_logp = log rho(y|x), V = critic, s = r(x, y) (reward model or callable)
+    experience  algos.make_experience: rewards = s * [t = last] - beta * KL_t;  A, R = ADVANTAGE_ESTIMATORS[estimator]
+    guard       mean |log pi_engine - log pi_learner| > max_mismatch stops the run (stale sync, wrong temperature...)
+    update      ppo_epochs x minibatches x grad_accum micro-batches of algos.ppo_objective (policy + value +
+                entropy + ptx), every micro-batch normalised by its minibatch's totals: one optimizer step per minibatch
+    sync        engine.sync_weights(policy)
 
 The critic is a separate model (initialised from the reward model, as InstructGPT) or a value head on the
-policy's backbone (``critic="head"``); the critic-free estimators skip it. The KL coefficient is fixed or
-follows Ziegler's adaptive controller. Online mode (Ziegler): every ``online_rm_every`` iterations, sample 4
-completions for ``online_comparisons`` prompts from the current policy, ask the labeler for the best, add the
-comparisons to the buffer and train the reward model for ``online_rm_steps`` steps.
+policy's backbone (``critic="head"``: one backbone forward gives log-probs and values); the critic-free
+estimators have none. The KL coefficient is fixed or follows Ziegler's adaptive controller. Online mode
+(Ziegler): every ``online_rm_every`` iterations, sample 4 completions for ``online_comparisons`` prompts from the
+current policy, ask the labeler for the best, add the comparisons to the buffer and train the reward model for
+``online_rm_steps`` steps.
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import time
 from typing import Callable, Sequence
 
 import torch
 
-from rlhf_fast import ops
+from rlhf_fast.algos import AdvantageParams, Experience, Outputs, make_experience, ppo_objective
+from rlhf_fast.algos.advantages import get_estimator
 from rlhf_fast.data.collators import collate_prompts, collate_sft
 from rlhf_fast.models.policy_logprobs import policy_logprobs
 from rlhf_fast.models.reward_model import RewardModel
 from rlhf_fast.models.value_model import ValueModel
+from rlhf_fast.ops.agg import batch_totals
 from rlhf_fast.rollout import RolloutBatch, logprob_mismatch
 from rlhf_fast.trainer.base import Trainer, batch_indices, make_optimizer, step_seed
+from rlhf_fast.trainer.checkpoint import latest_checkpoint
 from rlhf_fast.trainer.config import PPOConfig
 from rlhf_fast.trainer.kl_controller import make_kl_controller
 from rlhf_fast.trainer.reward import comparison_step, group_batches
 
-ESTIMATORS = ("gae", "grpo", "rloo", "reinforce++")
 ScoreFn = Callable[[list[str], list[str]], Sequence[float]]
 Labeler = Callable[[str, list[str]], int]
+__all__ = ["PPOTrainer", "Experience", "RolloutMismatchError", "decode_responses"]
 
 
-@dataclasses.dataclass
-class Experience:
-    """One iteration's rollouts, scored. ``[B, L]`` sequence tensors, ``[B, R]`` response tensors (R = L - P)."""
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    response_mask_full: torch.Tensor
-    mask: torch.Tensor
-    prompt_len: int
-    old_logp: torch.Tensor | None      # None: single on-policy pass, the update's own forward is used
-    rollout_logp: torch.Tensor
-    advantages: torch.Tensor
-    values: torch.Tensor | None
-    returns: torch.Tensor | None
-    onpolicy_logp: torch.Tensor | None = None   # single pass: the update's own log-probs, micro-batch by micro-batch
+class RolloutMismatchError(RuntimeError):
+    """The engine's log-probs of its own samples disagree with the learner's beyond ``max_mismatch``."""
 
 
 def decode_responses(tokenizer, batch: RolloutBatch) -> list[str]:
@@ -71,6 +59,11 @@ def _mean_stats(stats: list[dict]) -> dict:
     return {k: sum(float(s[k]) for s in stats) / len(stats) for k in keys}
 
 
+def _split(n: int, parts: int) -> tuple[torch.Tensor, ...]:
+    """``range(n)`` cut into ``min(parts, n)`` contiguous, non-empty micro-batches of near-equal sizes."""
+    return torch.tensor_split(torch.arange(n), min(parts, n))
+
+
 class PPOTrainer(Trainer):
     """``PPOTrainer(config, policy, tokenizer, prompts, engine, reward_model=None, reward_fn=None, ...)``.
 
@@ -80,6 +73,7 @@ class PPOTrainer(Trainer):
     true_score_fn: optional ``(prompts, completions) -> scores`` logged as ``true_score`` (never trained on).
     labeler, comparisons: online mode (``labeler(prompt, completions) -> best index``; the initial buffer).
     ptx_records: ``{"prompt", "completion"}`` records for the PPO-ptx loss.
+    The config (estimator, policy loss, aggregation...) is validated when it is built (:class:`PPOConfig`).
     """
     name = "ppo"
     progress_keys = ("score", "true_score", "kl", "kl_coef", "entropy")
@@ -90,16 +84,8 @@ class PPOTrainer(Trainer):
                  comparisons: list[dict] | None = None, ptx_records: list[dict] | None = None):
         super().__init__(config)
         cfg = config
-        if cfg.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {cfg.estimator!r}")
-        if cfg.critic not in ("separate", "head"):
-            raise ValueError(f"critic must be 'separate' or 'head', got {cfg.critic!r}")
         if (reward_model is None) == (reward_fn is None):
             raise ValueError("give exactly one of reward_model and reward_fn")
-        if cfg.estimator in ("grpo", "rloo") and cfg.samples_per_prompt < 2:
-            raise ValueError(f"estimator {cfg.estimator!r} needs samples_per_prompt >= 2 (a group per prompt)")
-        if cfg.minibatch_size < cfg.grad_accum:
-            raise ValueError(f"minibatch_size ({cfg.minibatch_size}) must be >= grad_accum ({cfg.grad_accum})")
         if cfg.ptx_coef > 0 and not ptx_records:
             raise ValueError("ptx_coef > 0 needs ptx_records (PPOConfig.ptx_data)")
         if cfg.online_rm_every and (labeler is None or reward_model is None):
@@ -122,7 +108,7 @@ class PPOTrainer(Trainer):
             reward_model.eval().requires_grad_(bool(cfg.online_rm_every))
         self.critic = None
         actor_params = list(policy.parameters())
-        if cfg.estimator == "gae":
+        if get_estimator(cfg.estimator).needs_critic:
             if cfg.critic == "head":
                 self.critic = ValueModel.on_policy(policy)
                 actor_params += list(self.critic.head.parameters())
@@ -131,9 +117,10 @@ class PPOTrainer(Trainer):
             else:
                 self.critic = ValueModel(copy.deepcopy(ValueModel.on_policy(policy).backbone))
             self.critic.requires_grad_(True)
+        self.value_head = self.critic is not None and cfg.critic == "head"
         self.optimizer, self.scheduler = make_optimizer(actor_params, cfg.lr, cfg.warmup_steps)
         self.critic_optimizer = None
-        if self.critic is not None and cfg.critic == "separate":
+        if self.critic is not None and not self.value_head:
             self.critic_optimizer, _ = make_optimizer(self.critic.parameters(), cfg.critic_lr)
         self.rm_optimizer = None
         if cfg.online_rm_every:
@@ -183,14 +170,21 @@ class PPOTrainer(Trainer):
                                     top_k=cfg.top_k if cfg.top_k > 0 else None, max_new_tokens=cfg.max_new_tokens,
                                     seed=seed)
 
-    def _logprobs(self, model, ids, attn, resp_full, P, entropy=False):
-        out = policy_logprobs(model, ids, attn, resp_full, temperature=self.config.temperature,
-                              return_entropy=entropy)
-        return tuple(o[:, P:] for o in out) if entropy else out[:, P:]
-
-    def _values(self, ids, attn, P):
-        """Critic value of the state before each response token: positions P-1 .. L-2."""
-        return self.critic(ids, attn)[:, P - 1:-1]
+    def forward(self, ids, attn, response_mask_full, P: int, policy: bool = True, entropy: bool = False) -> Outputs:
+        """The learner on ``[b, L]`` sequences: the policy's response log-probs (and entropy) when ``policy``,
+        and the critic's values of the state before each response token (positions P-1 .. L-2). A value head on
+        the policy's backbone reads the policy forward's hidden states: one backbone pass for both."""
+        logp = ent = values = None
+        if policy or self.value_head:
+            out = policy_logprobs(self.policy, ids, attn, response_mask_full, temperature=self.config.temperature,
+                                  return_entropy=entropy, return_hidden=self.value_head)
+            out = out if isinstance(out, tuple) else (out,)
+            logp, ent = out[0][:, P:], (out[1][:, P:] if entropy else None)
+            if self.value_head:
+                values = self.critic.from_hidden(out[-1])[:, P - 1:-1]
+        if self.critic is not None and not self.value_head:
+            values = self.critic(ids, attn)[:, P - 1:-1]
+        return Outputs(logp if policy else None, ent, values)
 
     @torch.no_grad()
     def score(self, batch: RolloutBatch, prompts: list[str], completions: list[str]) -> torch.Tensor:
@@ -202,120 +196,108 @@ class PPOTrainer(Trainer):
             return s.float()
         return torch.as_tensor(self.reward_fn(prompts, completions), dtype=torch.float32).reshape(len(batch))
 
+    def single_pass(self, n_rollouts: int) -> bool:
+        """One epoch, one minibatch, no reference: no optimizer step comes before any micro-batch's forward, so
+        the update's own detached log-probs are the old ones and the scoring forward is skipped (as TRL's GRPO)."""
+        cfg = self.config
+        return not self.use_ref and cfg.ppo_epochs == 1 and cfg.minibatch_size >= n_rollouts
+
     @torch.no_grad()
     def make_experience(self, batch: RolloutBatch, scores: torch.Tensor) -> tuple[Experience, dict]:
+        """The scoring forwards (policy, reference, critic), then the pure :func:`rlhf_fast.algos.make_experience`."""
         cfg = self.config
-        P = batch.prompt_length
-        ids, attn, mask = batch.input_ids, batch.attention_mask, batch.response_mask
-        resp_full = torch.cat([torch.zeros_like(batch.prompt_ids, dtype=torch.bool), mask], dim=1)
         self.policy.eval()
-        # One on-policy pass (1 epoch, 1 minibatch: no optimizer step before any micro-batch's forward) without
-        # a reference: old_logp is the update's own forward, detached (the ratio is 1 with gradient), so the
-        # scoring forward is skipped (as TRL's GRPO).
-        single_pass = not self.use_ref and cfg.ppo_epochs == 1 and cfg.minibatch_size >= len(batch)
-        old_logp = None if single_pass else self._logprobs(self.policy, ids, attn, resp_full, P)
-        ref_logp = self._logprobs(self.ref_model, ids, attn, resp_full, P) if self.use_ref else old_logp
-        values = self._values(ids, attn, P) if self.critic is not None else None
-        no_kl = torch.zeros_like(batch.rollout_logprobs)
-        rewards, kl = ops.shape_rewards(scores, no_kl if old_logp is None else old_logp,
-                                        no_kl if ref_logp is None else ref_logp, mask, self.kl_ctl.value,
-                                        estimator=cfg.kl_estimator, reward_clip=cfg.reward_clip)
-        returns = None
-        if cfg.estimator == "gae":
-            advantages, returns = ops.gae(rewards, values, mask, cfg.gamma, cfg.lam)
-        elif cfg.estimator == "reinforce++":
-            advantages = ops.reinforce_pp_returns(rewards, mask, cfg.gamma)
-        else:
-            seq_return = ops.masked_sum(rewards, mask, dim=1)
-            adv = (ops.grpo_advantages(seq_return, cfg.samples_per_prompt) if cfg.estimator == "grpo"
-                   else ops.rloo_advantages(seq_return, cfg.samples_per_prompt))
-            advantages = ops.expand_to_tokens(adv, mask)
-        if cfg.whiten_advantages and cfg.estimator in ("gae", "reinforce++"):
-            advantages = ops.masked_whiten(advantages, mask)
-        kl_seq = ops.masked_sum(kl, mask, dim=1)
-        stats = {"score": scores.mean().item(), "score_std": scores.std().item() if len(scores) > 1 else 0.0,
-                 "kl": kl_seq.mean().item(), "kl_coef": self.kl_ctl.value,
-                 "response_length": mask.sum(1).float().mean().item(),
-                 "truncated_frac": batch.truncated.float().mean().item(),
-                 "advantage_mean": ops.masked_mean(advantages, mask).item()}
-        if values is not None:
-            stats["value_mean"] = ops.masked_mean(values, mask).item()
-        if old_logp is not None:
-            stats.update(self._mismatch(batch.rollout_logprobs, old_logp, mask))
-        exp = Experience(ids, attn, resp_full, mask, P, old_logp, batch.rollout_logprobs, advantages, values,
-                         returns, torch.zeros_like(batch.rollout_logprobs) if single_pass else None)
+        seq = (batch.input_ids, batch.attention_mask, batch.response_mask_full, batch.prompt_length)
+        out = self.forward(*seq, policy=not self.single_pass(len(batch)))
+        ref_logp = policy_logprobs(self.ref_model, *seq[:3], temperature=cfg.temperature)[:, seq[3]:] \
+            if self.use_ref else None
+        params = AdvantageParams(cfg.gamma, cfg.lam, cfg.samples_per_prompt, cfg.whiten_advantages)
+        exp, stats = make_experience(batch, scores, out.logp, ref_logp, out.values, estimator=cfg.estimator,
+                                     params=params, kl_coef=self.kl_ctl.value, kl_estimator=cfg.kl_estimator,
+                                     reward_clip=cfg.reward_clip)
+        if out.logp is not None:
+            stats.update(self._mismatch(batch.rollout_logprobs, out.logp, batch.response_mask))
         return exp, stats
 
-    @staticmethod
-    def _mismatch(rollout_logp, learner_logp, mask) -> dict:
-        """Rollout-engine vs learner log-probs of the sampled tokens (rlhf_fast.rollout.logprob_mismatch)."""
-        return {f"mismatch_{k}": float(v) for k, v in logprob_mismatch(rollout_logp, learner_logp, mask).items()}
+    def _mismatch(self, rollout_logp, learner_logp, mask) -> dict:
+        """Rollout-engine vs learner log-probs of the sampled tokens (rlhf_fast.rollout.logprob_mismatch), with
+        the loss's TIS cap (2 when the loss has none)."""
+        cap = self.config.tis_cap if self.config.tis_cap is not None else 2.0
+        return {f"mismatch_{k}": float(v) for k, v in logprob_mismatch(rollout_logp, learner_logp, mask, cap).items()}
 
-    def _ptx_loss(self, step: int, k: int) -> torch.Tensor:
+    def check_mismatch(self, step: int, stats: dict) -> None:
+        """Stop the run when ``mismatch_abs_diff_mean`` exceeds ``max_mismatch`` (before any optimizer step on
+        these rollouts), naming the likely causes and the last good checkpoint."""
+        limit, value = self.config.max_mismatch, stats.get("mismatch_abs_diff_mean")
+        if limit is None or value is None or value <= limit:
+            return
+        last = latest_checkpoint(self.out_dir)
+        raise RolloutMismatchError(
+            f"[{self.name}] rollout/learner mismatch at step {step + 1}: mean |log pi_engine - log pi_learner| = "
+            f"{value:.4g} nats over {stats['mismatch_tokens']} tokens (max {stats['mismatch_abs_diff_max']:.4g}), "
+            f"above max_mismatch = {limit:g}. The engine is not sampling from the policy being trained, so the "
+            f"update would be off-policy garbage. Likely causes: a stale or broken weight sync (the engine keeps "
+            f"old weights: check sync_weights and the engine's weight_version), a temperature or top-k/top-p "
+            f"mismatch between the engine and the learner (the learner scores at temperature "
+            f"{self.config.temperature:g}, unfiltered), or a tokenizer/chat-template mismatch between the engine "
+            f"and the learner. The run stopped before the optimizer step; last good checkpoint: "
+            f"{last or 'none (nothing saved yet)'}. Fix the cause and resume with --resume, or raise "
+            f"max_mismatch (none disables the guard).")
+
+    def _ptx_batch(self, step: int, k: int) -> dict:
         cfg = self.config
         idx = batch_indices(len(self.ptx_records), cfg.minibatch_size, cfg.seed + 1, step * 10_007 + k)
-        b = collate_sft([self.ptx_records[i] for i in idx], self.tokenizer)
-        logp = policy_logprobs(self.policy, b["input_ids"], b["attention_mask"], b["response_mask"])
-        return -ops.masked_mean(logp, b["response_mask"])
+        return collate_sft([self.ptx_records[i] for i in idx], self.tokenizer)
 
-    def micro_loss(self, exp: Experience, rows: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def accumulate(self, mb: Experience, step: int, ptx: dict | None = None) -> tuple[dict, Outputs]:
+        """Forward and backward of minibatch ``mb`` (and its ptx batch) in ``grad_accum`` micro-batches, each
+        normalised by the minibatch's totals, so the accumulated gradient is the minibatch's. Returns the
+        objective's stats on the whole minibatch (floats) and the detached outputs (rows in ``mb``'s order)."""
         cfg = self.config
-        ids, attn, full = exp.input_ids[rows], exp.attention_mask[rows], exp.response_mask_full[rows]
-        mask = exp.mask[rows]
-        want_entropy = cfg.entropy_coef > 0 or cfg.log_entropy
-        out = self._logprobs(self.policy, ids, attn, full, exp.prompt_len, entropy=want_entropy)
-        logp, entropy = out if want_entropy else (out, None)
-        stats = {}
-        if exp.old_logp is None:
-            old_logp = logp.detach()
-            exp.onpolicy_logp[rows] = old_logp
-        else:
-            old_logp = exp.old_logp[rows]
-        loss, pstats = ops.ppo_policy_loss(
-            logp, old_logp, exp.advantages[rows], mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-            dual_clip=cfg.dual_clip, agg=cfg.loss_agg,
-            rollout_logp=exp.rollout_logp[rows] if cfg.tis_cap is not None else None, tis_cap=cfg.tis_cap)
-        stats.update({"policy_loss": loss.detach(), **{f"policy_{k}": v for k, v in pstats.items()}})
-        if entropy is not None:
-            ent = ops.masked_mean(entropy, mask)
-            stats["entropy"] = ent.detach()
-            if cfg.entropy_coef > 0:
-                loss = loss - cfg.entropy_coef * ent
-        if self.critic is not None:
-            values = self._values(ids, attn, exp.prompt_len)
-            vloss, vstats = ops.ppo_value_loss(values, exp.values[rows], exp.returns[rows], mask,
-                                               clip=cfg.value_clip, agg=cfg.loss_agg)
-            loss = loss + cfg.vf_coef * vloss
-            stats.update({"value_loss": vloss.detach(), **{f"value_{k}": v for k, v in vstats.items()}})
-        return loss, stats
+        totals = batch_totals(mb.mask)
+        micros = _split(len(mb), cfg.grad_accum)
+        ptx_mask = ptx_totals = None
+        ptx_micros = [None] * len(micros)
+        if ptx is not None:    # the ptx batch, cut into as many micro-batches, with its own totals
+            ptx_mask, ptx_totals = ptx["response_mask"], batch_totals(ptx["response_mask"])
+            ptx_micros = _split(len(ptx_mask), len(micros))
+        outs = []
+        for micro, pr in zip(micros, ptx_micros):
+            piece = mb.rows(micro)
+            out = self.forward(piece.input_ids, piece.attention_mask, piece.response_mask_full, piece.prompt_len,
+                               entropy=cfg.entropy_coef > 0 or cfg.log_entropy)
+            if pr is not None:
+                out = out._replace(ptx_logp=policy_logprobs(self.policy, ptx["input_ids"][pr],
+                                                            ptx["attention_mask"][pr], ptx_mask[pr]))
+            loss, _ = ppo_objective(cfg, piece, out, totals, None if pr is None else ptx_mask[pr], ptx_totals)
+            self.check_finite(step, loss=loss)
+            loss.backward()
+            outs.append(out.detach())
+        whole = Outputs.cat(outs)
+        with torch.no_grad():
+            _, stats = ppo_objective(cfg, mb, whole, totals, ptx_mask, ptx_totals)
+        return {k: float(v) for k, v in stats.items()}, whole
 
     def update(self, exp: Experience, step: int) -> dict:
+        """ppo_epochs x minibatches, one optimizer step each (stats: the mean over minibatches). In the single
+        on-policy pass the update's own log-probs give the mismatch metrics, guarded before the step."""
         cfg = self.config
-        B = exp.input_ids.shape[0]
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         critic_params = list(self.critic.parameters()) if self.critic_optimizer is not None else []
+        optimizers = [self.optimizer] + ([self.critic_optimizer] if self.critic_optimizer is not None else [])
         self.policy.train()
-        all_stats = []
-        k = 0
+        all_stats, mismatch = [], {}
         for epoch in range(cfg.ppo_epochs):
             g = torch.Generator().manual_seed(step_seed(cfg.seed, step, salt=epoch + 1))
-            perm = torch.randperm(B, generator=g)
-            for mb in perm.split(cfg.minibatch_size):
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.critic_optimizer is not None:
-                    self.critic_optimizer.zero_grad(set_to_none=True)
-                mb_stats = []
-                for micro in mb.split(math.ceil(len(mb) / cfg.grad_accum)):
-                    loss, stats = self.micro_loss(exp, micro)
-                    if cfg.ptx_coef > 0:
-                        ptx = self._ptx_loss(step, k)
-                        stats["ptx_loss"] = ptx.detach()
-                        loss = loss + cfg.ptx_coef * ptx
-                    self.check_finite(step, loss=loss)
-                    (loss * (len(micro) / len(mb))).backward()
-                    mb_stats.append(stats)
-                    k += 1
-                stats = _mean_stats(mb_stats)
+            for rows in torch.randperm(len(exp), generator=g).split(cfg.minibatch_size):
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
+                mb = exp.rows(rows)
+                ptx = self._ptx_batch(step, len(all_stats)) if cfg.ptx_coef > 0 else None
+                stats, out = self.accumulate(mb, step, ptx)
+                if exp.old_logp is None:
+                    mismatch = self._mismatch(mb.rollout_logp, out.logp, mb.mask)
+                    self.check_mismatch(step, mismatch)
                 stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
                 self.check_finite(step, grad_norm=stats["grad_norm"])
                 self.optimizer.step()
@@ -324,10 +306,7 @@ class PPOTrainer(Trainer):
                     self.critic_optimizer.step()
                 all_stats.append(stats)
         self.scheduler.step()
-        out = _mean_stats(all_stats)
-        if exp.old_logp is None:   # the mismatch over the whole batch, not a mean over micro-batches
-            out.update(self._mismatch(exp.rollout_logp, exp.onpolicy_logp, exp.mask))
-        return out
+        return {**_mean_stats(all_stats), **mismatch}
 
     def online_rm_round(self, step: int) -> dict:
         """Ziegler's online data collection: label best-of-4 samples of the current policy, retrain the RM."""
@@ -365,6 +344,7 @@ class PPOTrainer(Trainer):
         scores = self.score(batch, prompts, completions)
         self.check_finite(step, score=scores.sum())
         exp, stats = self.make_experience(batch, scores)
+        self.check_mismatch(step, stats)
         if self.true_score_fn is not None:
             stats["true_score"] = float(torch.tensor(list(self.true_score_fn(prompts, completions)),
                                                      dtype=torch.float64).mean())
