@@ -3,16 +3,18 @@
 Case ``M50xP64xT256``: a Llama-architecture policy of ~52M parameters (hidden 512, 6 layers, MLP 1408,
 head_dim 64) with a 32,000-row vocabulary (a word-level tokenizer with 32,000 entries), 64 preference pairs
 whose sequences are 256 tokens each (64 prompt tokens incl. ``<bos>``, 192 completion tokens incl. ``<eos>``),
-sigmoid loss, beta 0.1, one AdamW step on all 64 pairs, fp32, CPU.
+sigmoid loss, beta 0.1, one AdamW step on all 64 pairs, fp32, CPU. ``--quick``: the same model on
+``M50xP16xT128`` (16 pairs of 32 + 96 tokens), for a shared machine where a 32,768-token step of a 50M model
+takes minutes.
 
 - ``rlhf_fast``: ``DPOTrainer.train_step``: chosen and rejected in one forward per micro-batch (8 micro-batches
-  of 8 pairs, gradients accumulated), log-probs through the fused lm_head path (no [tokens, 32000] logits),
+  of pairs / 8 pairs each, gradients accumulated), log-probs through the fused lm_head path (no [tokens, 32000] logits),
   reference log-probs from the cache filled once per dataset pass (in the warm-up call; its time is the row's
-  ``ref_cache_s``: one no-grad pass over the 64 pairs), no reference model in memory.
-- ``trl``: ``DPOTrainer.train()`` for one step, TRL's defaults (its own reference copy of the model, the
-  reference forward every step, its chunked fused lm_head), all 64 pairs in one micro-batch.
-- ``trl-accum8``: the same with our micro-batching (``per_device_train_batch_size=8``,
-  ``gradient_accumulation_steps=8``), so the memory comparison does not hinge on micro-batching alone.
+  ``ref_cache_s``: one no-grad pass over the pairs), no reference model in memory.
+- ``trl``: ``DPOTrainer.train()`` for one step, TRL's defaults (a reference copy of the model, the
+  reference forward every step, its tiled fused lm_head), all pairs in one micro-batch.
+- ``trl-accum8``: the same with our micro-batching (``gradient_accumulation_steps=8`` micro-batches), so the
+  memory comparison does not hinge on micro-batching alone.
 - ``liger``: the HF backbone gives the policy's hidden states (and a reference copy's, no grad) for all 128
   sequences, ``LigerFusedLinearDPOLoss`` (chunked fused linear + DPO loss, ``compiled=False`` on CPU) on them,
   backward, AdamW step.
@@ -33,31 +35,32 @@ import torch
 
 from benchmarks.harness import Case
 
-PAIRS, PROMPT, COMPLETION, VOCAB, BETA = 64, 64, 192, 32_000, 0.1
-MICRO = 8            # ours and trl-accum8: pairs per forward/backward
+VOCAB, BETA = 32_000, 0.1
+ACCUM = 8            # ours and trl-accum8: micro-batches per step
+SIZES = {False: (64, 64, 192), True: (16, 32, 96)}      # quick -> (pairs, prompt tokens, completion tokens)
 
 
-def _assets():
+def _assets(pairs: int, prompt: int, completion: int):
     from rlhf_fast.data import build_tokenizer
     from rlhf_fast.models import build_tiny_llama, tiny_llama_config
     words = [f"w{i}" for i in range(VOCAB)]
     tok = build_tokenizer([" ".join(words)], vocab_size=VOCAB)
     config = tiny_llama_config(VOCAB, hidden_size=512, num_layers=6, intermediate_size=1408,
-                               max_position_embeddings=PROMPT + COMPLETION)
+                               max_position_embeddings=prompt + completion)
     model = build_tiny_llama(config, seed=0)
     rng = random.Random(0)
     text = lambda n: " ".join(rng.choice(words[4:]) for _ in range(n))   # noqa: E731
     # prompt: <bos> + 63 words; completions: 191 words + <eos>
-    records = [{"prompt": text(PROMPT - 1), "chosen": text(COMPLETION - 1), "rejected": text(COMPLETION - 1)}
-               for _ in range(PAIRS)]
+    records = [{"prompt": text(prompt - 1), "chosen": text(completion - 1), "rejected": text(completion - 1)}
+               for _ in range(pairs)]
     return tok, model, records
 
 
-def _ours_inputs() -> dict:
+def _ours_inputs(size) -> dict:
     from rlhf_fast.trainer.dpo_config import DPOConfig
     from rlhf_fast.trainer.dpo import DPOTrainer
-    tok, model, records = _assets()
-    cfg = DPOConfig(out_dir=tempfile.mkdtemp(prefix="dpo_bench_"), batch_size=PAIRS, micro_batch_size=MICRO,
+    tok, model, records = _assets(*size)
+    cfg = DPOConfig(out_dir=tempfile.mkdtemp(prefix="dpo_bench_"), batch_size=size[0], micro_batch_size=size[0] // ACCUM,
                     beta=BETA, lr=1e-6, max_steps=1000, progress=False)
     trainer = DPOTrainer(cfg, model, tok, records)
     t0 = time.perf_counter()
@@ -70,16 +73,18 @@ def _ours(state: dict) -> None:
     state["step"] += 1
 
 
-def _trl_inputs(micro: int) -> dict:
+def _trl_inputs(size, accum: int) -> dict:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
-    tok, model, records = _assets()
-    args = DPOConfig(output_dir=tempfile.mkdtemp(prefix="dpo_bench_trl_"), per_device_train_batch_size=micro,
-                     gradient_accumulation_steps=PAIRS // micro, beta=BETA, max_length=None, max_steps=1,
+    tok, model, records = _assets(*size)
+    args = DPOConfig(output_dir=tempfile.mkdtemp(prefix="dpo_bench_trl_"), per_device_train_batch_size=size[0] // accum,
+                     gradient_accumulation_steps=accum, beta=BETA, max_length=None, max_steps=1,
                      learning_rate=1e-6, use_cpu=True, report_to="none", bf16=False, save_strategy="no",
                      logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=0)
     data = [{"prompt": r["prompt"], "chosen": " " + r["chosen"], "rejected": " " + r["rejected"]} for r in records]
-    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(data), processing_class=tok)
+    # TRL loads its reference copy from the policy's path; an in-memory policy gets the same copy directly
+    trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
+                         train_dataset=Dataset.from_list(data), processing_class=tok)
     return {"trainer": trainer}
 
 
@@ -87,12 +92,13 @@ def _trl(state: dict) -> None:
     state["trainer"].train()
 
 
-def _liger_inputs() -> dict:
+def _liger_inputs(size) -> dict:
     from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
     from rlhf_fast.data.collators import collate_comparisons
-    tok, model, records = _assets()
+    tok, model, records = _assets(*size)
     batch = collate_comparisons(records, tok)                 # row 2i chosen, 2i+1 rejected
-    order = torch.cat([torch.arange(0, 2 * PAIRS, 2), torch.arange(1, 2 * PAIRS, 2)])   # Liger: chosen first
+    n = 2 * size[0]
+    order = torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2)])                    # Liger: chosen first
     ids, attn, resp = (batch[k][order] for k in ("input_ids", "attention_mask", "response_mask"))
     target = ids[:, 1:].masked_fill(~resp[:, 1:], -100)
     ref = copy.deepcopy(model).eval().requires_grad_(False)
@@ -123,27 +129,31 @@ def _lazy(impl: str, build, step):
 
 
 def _row_extra(impl: str, inputs: dict) -> dict:
+    out = {"micro_batches": 1 if impl in ("trl", "liger") else ACCUM,
+           "torch_threads": torch.get_num_threads()}
     if impl == "rlhf_fast" and impl in inputs:
-        return {"ref_cache_s": round(inputs[impl]["ref_cache_s"], 2), "micro_batch_pairs": MICRO}
-    return {"micro_batch_pairs": MICRO if impl.endswith(f"accum{MICRO}") else PAIRS}
+        out["ref_cache_s"] = round(inputs[impl]["ref_cache_s"], 2)
+    return out
 
 
-def _flops() -> float:
-    """6 N per trained token (forward + backward) over the 2 x 64 sequences, N = parameters."""
+def _flops(pairs: int, tokens: int) -> float:
+    """6 N per trained token (forward + backward) over the 2 x pairs sequences, N = parameters."""
     from rlhf_fast.models import tiny_llama_config
     from transformers import LlamaForCausalLM
     with torch.device("meta"):
         n = sum(p.numel() for p in LlamaForCausalLM(tiny_llama_config(VOCAB, 512, 6, 1408)).parameters())
-    return 6 * n * 2 * PAIRS * (PROMPT + COMPLETION)
+    return 6 * n * 2 * pairs * tokens
 
 
 def cases(quick: bool, device: str) -> list[Case]:
-    impls = {"rlhf_fast": _lazy("rlhf_fast", _ours_inputs, _ours)}
+    size = SIZES[quick]
+    pairs, tokens = size[0], size[1] + size[2]
+    impls = {"rlhf_fast": _lazy("rlhf_fast", lambda: _ours_inputs(size), _ours)}
     if importlib.util.find_spec("trl") is not None:
-        impls["trl"] = _lazy("trl", lambda: _trl_inputs(PAIRS), _trl)
-        impls[f"trl-accum{MICRO}"] = _lazy(f"trl-accum{MICRO}", lambda: _trl_inputs(MICRO), _trl)
+        impls["trl"] = _lazy("trl", lambda: _trl_inputs(size, 1), _trl)
+        impls[f"trl-accum{ACCUM}"] = _lazy(f"trl-accum{ACCUM}", lambda: _trl_inputs(size, ACCUM), _trl)
     if importlib.util.find_spec("liger_kernel") is not None:
-        impls["liger"] = _lazy("liger", _liger_inputs, _liger)
-    return [Case(name=f"M50xP{PAIRS}xT{PROMPT + COMPLETION}", make_inputs=dict, impls=impls,
-                 tokens=2 * PAIRS * (PROMPT + COMPLETION), flops=_flops(), min_reps=1 if quick else 2, budget_s=0.0,
-                 memory_scope="process", row_extra=_row_extra, size_label="pairs x tokens")]
+        impls["liger"] = _lazy("liger", lambda: _liger_inputs(size), _liger)
+    return [Case(name=f"M50xP{pairs}xT{tokens}", make_inputs=dict, impls=impls, tokens=2 * pairs * tokens,
+                 flops=_flops(pairs, tokens), min_reps=1 if quick else 2, budget_s=0.0, memory_scope="process",
+                 row_extra=_row_extra, size_label="pairs x tokens")]
