@@ -74,7 +74,7 @@ class WeightChannel:
             self.device = torch.device("cuda", torch.cuda.current_device())
 
     def _broadcast(self, t: torch.Tensor) -> torch.Tensor:
-        self.group.broadcast([t], 0).wait()
+        self.group.broadcast(t, 0).wait()
         return t
 
     # -- sender (rank 0) -------------------------------------------------------------------------
