@@ -156,19 +156,17 @@ class PolicyLoss(nn.Module):
                 global_batch_size: Optional[float] = None) -> torch.Tensor:
         mask = _mask_or_ones(action_mask, log_probs)
         agg, scale = _aggregation(self.token_level_loss, mask, dp_size, batch_num_tokens, global_batch_size)
-        vllm_kl = is_filter_ratio = carrier = None
+        vllm_kl = is_filter_ratio = coef = None
         if self.is_correction_level != "off":
             if rollout_log_probs is None:
                 raise ValueError(f"rollout_log_probs is required when is_correction_level={self.is_correction_level!r}")
             coef, filtered = self._correction(old_log_probs, rollout_log_probs, mask)
-            # The fused op weights each token by exp(old - rollout): carry coef as old - log(coef)
-            # (coef = 0 becomes exp(-20) ~ 2e-9, the op's log-ratio bound).
-            carrier = old_log_probs.detach().float() - coef.log()
+            coef = coef.detach().float()      # the op's per-token weight (0 drops a token exactly)
             filtered = filtered.float()
             is_filter_ratio = filtered.mean() if self.is_correction_level == "seq" else masked_mean(filtered, mask)
             vllm_kl = masked_mean(rollout_log_probs.float() - old_log_probs.float(), mask)
         loss, stats = ppo_policy_loss(log_probs, old_log_probs, advantages, mask, self.clip_eps_low,
-                                      self.clip_eps_high, self.dual_clip, agg, rollout_logp=carrier)
+                                      self.clip_eps_high, self.dual_clip, agg, weight=coef)
         return loss * scale, stats["clipfrac"], stats["approx_kl"], vllm_kl, is_filter_ratio
 
 

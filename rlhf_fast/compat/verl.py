@@ -87,11 +87,10 @@ def _policy_loss(old_log_prob, log_prob, advantages, response_mask, clip_low, cl
         raise ValueError(f"clip_ratio_c (dual-clip lower bound) must be > 1.0, got {clip_ratio_c!r}")
     check_choice("loss_agg_mode", loss_agg_mode, AGG_MODES)
     mask = check_mask("response_mask", response_mask, log_prob.shape)
-    # verl multiplies the per-token loss by rollout_is_weights; the op's TIS weight is exp(old - rollout), so we
-    # hand it rollout = old - log(w) (w = 0 becomes exp(-20) ~ 2e-9, the op's log-ratio bound).
-    rollout = None if rollout_is_weights is None else old_log_prob.float() - rollout_is_weights.float().log()
+    # verl multiplies the per-token loss by rollout_is_weights: the op's per-token weight
+    weight = None if rollout_is_weights is None else rollout_is_weights.detach().float()
     loss, stats = ppo_policy_loss(log_prob, old_log_prob, advantages, mask, clip_low, clip_high, clip_ratio_c,
-                                  loss_agg_mode, rollout_logp=rollout)
+                                  loss_agg_mode, weight=weight)
     info = {k: v for k, v in (global_batch_info or {}).items() if k in GLOBAL_BATCH_KEYS}
     return loss * global_batch_scale(mask, loss_agg_mode, **info), stats
 
