@@ -1,109 +1,183 @@
-"""``rlhf-fast sft|rm|ppo|demo`` (also ``python -m rlhf_fast``).
+"""``rlhf-fast sft|rm|ppo|dpo|demo`` (also ``python -m rlhf_fast``).
 
 Every subcommand takes ``--config x.yaml`` and ``--key value`` overrides of its config dataclass
-(dotted keys for the demo's sections: ``--ppo.steps 30``); ``--resume`` continues from the latest checkpoint.
-
-    rlhf-fast sft  --model DIR --data sft.jsonl --out-dir runs/sft
-    rlhf-fast rm   --model DIR --data comparisons.jsonl --out-dir runs/rm
-    rlhf-fast ppo  --model DIR --reward-model DIR --prompts prompts.jsonl --out-dir runs/ppo
-    rlhf-fast demo --out runs
+(dotted keys for the demo's sections: ``--ppo.steps 30``); ``--resume`` continues from the newest complete
+checkpoint; ``rlhf-fast CMD --help`` lists the subcommand's keys. Bad input (a config value, a path, a model
+directory, a tokenizer mismatch, an over-long example) stops the run before any model is built: one line on
+stderr naming the argument or file, exit code 2.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+import textwrap
+from types import SimpleNamespace
 
+EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
-
+USAGE = "usage: rlhf-fast {sft,rm,ppo,dpo,demo} [--config YAML] [--resume] [--KEY VALUE ...]"
+COMMANDS = {   # name: (one-line meaning, example)
+    "sft": ("supervised fine-tuning of a causal LM", "rlhf-fast sft --model DIR --data sft.jsonl --out-dir runs/sft"),
+    "rm": ("reward model from comparisons", "rlhf-fast rm --model DIR --comparisons c.jsonl --out-dir runs/rm"),
+    "ppo": ("PPO / GRPO / RLOO / REINFORCE++ against a reward model",
+            "rlhf-fast ppo --model DIR --reward-model DIR --prompts p.jsonl --out-dir runs/ppo"),
+    "dpo": ("DPO / IPO / SimPO / hinge from pairwise comparisons (optionally LoRA)",
+            "rlhf-fast dpo --model DIR --comparisons c.jsonl --out-dir runs/dpo [--lora-rank 16]"),
+    "demo": ("the end-to-end demo on a synthetic task (CPU, minutes)", "rlhf-fast demo --out runs"),
+}
 # command-line spellings of config keys, per subcommand
-ALIASES = {"rm": {"--comparisons": "--data"}}
+ALIASES = {"rm": {"--comparisons": "--data"},
+           "dpo": {"--comparisons": "--data", "--lora-rank": "--lora.rank", "--lora-alpha": "--lora.alpha",
+                   "--lora-targets": "--lora.targets", "--lora-dropout": "--lora.dropout",
+                   "--prompt-column": "--columns.prompt", "--chosen-column": "--columns.chosen",
+                   "--rejected-column": "--columns.rejected", "--split": "--columns.split"}}
 
 
-def _split(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(prog="rlhf-fast", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("command", choices=["sft", "rm", "ppo", "demo"])
-    p.add_argument("--config", help="YAML file with config keys")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
-    args, rest = p.parse_known_args(argv)
-    aliases = ALIASES.get(args.command, {})
+def _config_class(command: str):
+    from rlhf_fast.trainer.config import PPOConfig, RewardConfig, SFTConfig
+    from rlhf_fast.trainer.dpo_config import DPOConfig
+    if command == "demo":
+        from rlhf_fast.trainer.demo import DemoConfig
+        return DemoConfig
+    return {"sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig, "dpo": DPOConfig}[command]
 
-    def spell(arg: str) -> str:
-        key, sep, value = arg.partition("=")
-        return aliases.get(key, key) + sep + value if arg.startswith("--") else arg
 
-    return args, [spell(a) for a in rest]
+def top_help() -> str:
+    rows = "\n".join(f"  {name:<6} {meaning}\n         {example}" for name, (meaning, example) in COMMANDS.items())
+    return (f"{USAGE}\n\n{__doc__.splitlines()[0]}\n\ncommands:\n{rows}\n\n"
+            "'rlhf-fast CMD --help' lists CMD's config keys.")
+
+
+def command_help(command: str) -> str:
+    """The subcommand's usage and every config key: ``--key TYPE (default X)`` and its one-line meaning."""
+    from rlhf_fast.trainer.config import describe
+    cls = _config_class(command)
+    lines = [f"usage: rlhf-fast {command} [--config YAML] [--resume] [--KEY VALUE ...]", "",
+             (cls.__doc__ or COMMANDS[command][0]).strip().splitlines()[0], "",
+             "options:",
+             "  -h, --help       show this help and exit",
+             "  --config YAML    read config keys from a YAML file (key: value; --KEY VALUE overrides it)",
+             "  --resume         continue from the newest complete checkpoint in the run directory", "",
+             "config keys (--KEY VALUE or --KEY=VALUE; dashes and underscores are the same):"]
+    aliases = {v: k for k, v in ALIASES.get(command, {}).items()}
+    for dotted, typ, default, text in describe(cls()):
+        name = "--" + dotted.replace("_", "-")
+        alias = f" (or {aliases[name]})" if name in aliases else ""
+        shown = '""' if default == "" else default
+        lines.append(f"  {name} {typ.upper().replace(' OR NONE', '|none')}{alias}   default: {shown}")
+        lines += textwrap.wrap(text, width=96, initial_indent=" " * 6, subsequent_indent=" " * 6,
+                               break_on_hyphens=False, break_long_words=False)
+    return "\n".join(lines)
+
+
+class UsageError(ValueError):
+    pass
+
+
+# (module, exception class): bad input -> exit 2; a NaN/inf loss -> exit 3
+BAD_INPUT = ((__name__, "UsageError"), ("rlhf_fast.trainer.config", "ConfigError"),
+             ("rlhf_fast.checks", "InputError"), ("rlhf_fast.data.jsonl", "JSONLError"),
+             ("rlhf_fast.trainer.checkpoint", "CheckpointError"))
+NONFINITE = (("rlhf_fast.trainer.base", "NonFiniteLossError"),)
+
+
+def _raised(names) -> tuple[type, ...]:
+    """The classes of ``names`` whose modules are imported: an exception of a module never imported cannot
+    have been raised, and a failing config check need not import the trainers to be reported."""
+    return tuple(getattr(sys.modules[m], n) for m, n in names if m in sys.modules)
+
+
+def _split(argv: list[str]) -> tuple[SimpleNamespace, list[str]]:
+    """``argv`` -> (``command``, ``config``, ``resume``, ``help``) and the ``--key value`` overrides (with the
+    subcommand's aliases spelled as their config keys)."""
+    if not argv or argv[0] in ("-h", "--help"):
+        return SimpleNamespace(command=None, config=None, resume=False, help=True), []
+    if argv[0] not in COMMANDS:
+        raise UsageError(f"unknown command {argv[0]!r}: choose from {', '.join(COMMANDS)} (rlhf-fast --help)")
+    args = SimpleNamespace(command=argv[0], config=None, resume=False, help=False)
+    aliases, rest, i = ALIASES.get(argv[0], {}), [], 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            args.help = True
+        elif arg == "--resume":
+            args.resume = True
+        elif arg == "--config" or arg.startswith("--config="):
+            if arg == "--config":
+                if i + 1 >= len(argv):
+                    raise UsageError("--config needs a YAML file")
+                i += 1
+            args.config = argv[i] if arg == "--config" else arg.split("=", 1)[1]
+        else:
+            key, sep, value = arg.partition("=")
+            rest.append(aliases.get(key, key) + sep + value if arg.startswith("--") else arg)
+            if arg.startswith("--") and not sep and i + 1 < len(argv):   # its value, whatever it looks like
+                i += 1
+                rest.append(argv[i])
+        i += 1
+    return args, rest
 
 
 def _load_model(path: str):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    if not path:
-        raise SystemExit("error: --model PATH (a local HF causal-LM directory) is required")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return model, tokenizer
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
 def cmd_sft(cfg, resume: bool) -> None:
-    from rlhf_fast.data import read_jsonl
     from rlhf_fast.models import save_model
+    from rlhf_fast.preflight import preflight_sft
     from rlhf_fast.trainer.sft import SFTTrainer
-    records = read_jsonl(cfg.data, "sft")
-    model, tokenizer = _load_model(cfg.model)
-    SFTTrainer(cfg, model, tokenizer, records).train(resume=resume)
-    save_model(model, tokenizer, os.path.join(cfg.out_dir, "model"))
+    inputs = preflight_sft(cfg)
+    model = _load_model(cfg.model)
+    SFTTrainer(cfg, model, inputs.tokenizer, inputs.records).train(resume=resume)
+    save_model(model, inputs.tokenizer, os.path.join(cfg.out_dir, "model"))
     print(f"SFT model saved to {os.path.join(cfg.out_dir, 'model')}")
 
 
 def cmd_rm(cfg, resume: bool) -> None:
-    from transformers import AutoTokenizer
-    from rlhf_fast.data import read_jsonl
     from rlhf_fast.models import RewardModel
+    from rlhf_fast.preflight import preflight_rm
     from rlhf_fast.trainer.reward import RewardTrainer
-    records = read_jsonl(cfg.data, "comparisons")
-    if cfg.eval_data:
-        held = read_jsonl(cfg.eval_data, "comparisons")
-    else:
-        n = int(len(records) * cfg.eval_fraction)
-        held, records = records[:n], records[n:]
-    if not cfg.model:
-        raise SystemExit("error: --model PATH is required")
-    model, tokenizer = RewardModel.from_pretrained(cfg.model), AutoTokenizer.from_pretrained(cfg.model)
-    trainer = RewardTrainer(cfg, model, tokenizer, records, held)
+    inputs = preflight_rm(cfg)
+    model = RewardModel.from_pretrained(cfg.model)
+    trainer = RewardTrainer(cfg, model, inputs.tokenizer, inputs.records, inputs.eval_records)
     trainer.train(resume=resume)
-    model.save_pretrained(os.path.join(cfg.out_dir, "model"), tokenizer)
-    if held:
-        print(f"held-out accuracy: {trainer.evaluate()['accuracy']:.3f} on {len(held)} comparisons")
+    model.save_pretrained(os.path.join(cfg.out_dir, "model"), inputs.tokenizer)
+    if inputs.eval_records:
+        print(f"held-out accuracy: {trainer.evaluate()['accuracy']:.3f} on {len(inputs.eval_records)} comparisons")
     print(f"reward model saved to {os.path.join(cfg.out_dir, 'model')}")
 
 
 def cmd_ppo(cfg, resume: bool) -> None:
-    from rlhf_fast.data import read_jsonl
     from rlhf_fast.models import RewardModel, save_model
+    from rlhf_fast.preflight import preflight_ppo
     from rlhf_fast.trainer.engines import build_engine
     from rlhf_fast.trainer.ppo import PPOTrainer
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    prompts = [r["prompt"] for r in read_jsonl(cfg.prompts, "prompts")]
-    ptx = read_jsonl(cfg.ptx_data, "sft") if cfg.ptx_data else None
-    if not cfg.reward_model:
-        raise SystemExit("error: --reward-model PATH is required")
-    policy, tokenizer = _load_model(cfg.model)
+    inputs = preflight_ppo(cfg)
+    policy, tokenizer = _load_model(cfg.model), inputs.tokenizer
     reward_model = RewardModel.from_pretrained(cfg.reward_model)
-    max_len = max(len(tokenizer(p)["input_ids"]) for p in prompts) + cfg.max_new_tokens
-    engine = build_engine(cfg.engine, policy, tokenizer, cfg.model, max_len, seed=cfg.seed,
+    engine = build_engine(cfg.engine, policy, tokenizer, cfg.model, inputs.max_len, seed=cfg.seed,
                           max_num_seqs=cfg.batch_size * cfg.samples_per_prompt)
     try:
-        PPOTrainer(cfg, policy, tokenizer, prompts, engine, reward_model=reward_model,
-                   ptx_records=ptx).train(resume=resume)
+        PPOTrainer(cfg, policy, tokenizer, [r["prompt"] for r in inputs.records], engine,
+                   reward_model=reward_model, ptx_records=inputs.ptx_records).train(resume=resume)
     finally:
         engine.close()
     save_model(policy, tokenizer, os.path.join(cfg.out_dir, "policy"))
     print(f"policy saved to {os.path.join(cfg.out_dir, 'policy')}")
+
+
+def cmd_dpo(cfg, resume: bool) -> None:
+    from rlhf_fast.models import save_model
+    from rlhf_fast.models.lora import maybe_lora, merged_model
+    from rlhf_fast.trainer.dpo import DPOTrainer, preflight_dpo
+    inputs = preflight_dpo(cfg)
+    model = maybe_lora(_load_model(cfg.model), cfg.lora)
+    DPOTrainer(cfg, model, inputs.tokenizer, inputs.records).train(resume=resume)
+    save_model(merged_model(model), inputs.tokenizer, os.path.join(cfg.out_dir, "model"))
+    print(f"DPO model saved to {os.path.join(cfg.out_dir, 'model')}")
 
 
 def cmd_demo(cfg, resume: bool) -> None:
@@ -113,21 +187,20 @@ def cmd_demo(cfg, resume: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rlhf_fast.data.jsonl import JSONLError
-    from rlhf_fast.trainer.base import NonFiniteLossError
-    from rlhf_fast.trainer.config import ConfigError, PPOConfig, RewardConfig, SFTConfig, load_config
-    from rlhf_fast.trainer.demo import DemoConfig
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")   # local directories only: never a hub lookup
+    from rlhf_fast.trainer.config import load_config
 
-    args, overrides = _split(sys.argv[1:] if argv is None else argv)
-    cls, fn = {"sft": (SFTConfig, cmd_sft), "rm": (RewardConfig, cmd_rm), "ppo": (PPOConfig, cmd_ppo),
-               "demo": (DemoConfig, cmd_demo)}[args.command]
     try:
-        cfg = load_config(cls, args.config, overrides)
-        fn(cfg, args.resume)
-    except (ConfigError, JSONLError) as err:
+        args, overrides = _split(sys.argv[1:] if argv is None else argv)
+        if args.help:
+            print(command_help(args.command) if args.command else top_help())
+            return 0
+        cfg = load_config(_config_class(args.command), args.config, overrides)
+        {"sft": cmd_sft, "rm": cmd_rm, "ppo": cmd_ppo, "dpo": cmd_dpo, "demo": cmd_demo}[args.command](cfg, args.resume)
+    except _raised(BAD_INPUT) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as err:
+        return EXIT_BAD_INPUT
+    except _raised(NONFINITE) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_NONFINITE
     return 0

@@ -44,11 +44,20 @@ def _check(rec, schema: dict, path, lineno: int) -> None:
 def read_jsonl(path: str | os.PathLike, kind: str | None = None) -> list[dict]:
     """Records of ``path``; with ``kind`` (a key of :data:`SCHEMAS`) each is checked against its schema.
     ``kind="comparisons"`` accepts pairwise and best-of-K lines (each line its own form)."""
+    return [rec for _, rec in read_jsonl_lines(path, kind)]
+
+
+def read_jsonl_lines(path: str | os.PathLike, kind: str | None = None) -> list[tuple[int, dict]]:
+    """:func:`read_jsonl` with each record's 1-based line number: ``[(line, record), ...]``."""
     if kind is not None and kind not in SCHEMAS and kind != "comparisons":
         raise ValueError(f"kind must be one of {sorted(SCHEMAS) + ['comparisons']}, got {kind!r}")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise JSONLError(path, lineno, "not UTF-8 text") from None
             if not line.strip():
                 continue
             try:
@@ -61,7 +70,7 @@ def read_jsonl(path: str | os.PathLike, kind: str | None = None) -> list[dict]:
                 schema = SCHEMAS.get(kind)
             if schema is not None:
                 _check(rec, schema, path, lineno)
-            records.append(rec)
+            records.append((lineno, rec))
     if not records:
         raise JSONLError(path, 0, "file has no records")
     return records

@@ -14,7 +14,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from rlhf_fast.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlhf_fast.trainer.checkpoint import latest_checkpoint, load_checkpoint, newest_complete_checkpoint, save_checkpoint
 from rlhf_fast.trainer.metrics import MetricsLogger
 
 
@@ -90,11 +90,12 @@ class Trainer:
                                keep_last=self.config.keep_last)
 
     def resume(self) -> int:
-        """Load the latest checkpoint if any; returns the step to continue from."""
-        path = latest_checkpoint(self.out_dir)
+        """Load the newest complete checkpoint if any (newer incomplete ones are skipped, said on stderr);
+        returns the step to continue from."""
+        path = newest_complete_checkpoint(self.out_dir)
         if path is None:
             return 0
-        state = load_checkpoint(path, self.checkpoint_models())
+        state = load_checkpoint(path, self.checkpoint_models(), verify=False)   # just verified
         self.load_state_dict(state)
         self.step = int(state["step"])
         self.on_resume()

@@ -190,6 +190,7 @@ def _convert(value: Any, typ, key: str, current=None):
 def from_dict(cls, data: dict, prefix: str = "", base=None):
     """``cls`` (or a copy of ``base``) updated from a (nested) dict; types converted, unknown keys rejected,
     the result validated."""
+    base = base if base is not None else cls()
     fields = _fields(cls)
     kwargs = {}
     for k, value in data.items():
@@ -199,9 +200,9 @@ def from_dict(cls, data: dict, prefix: str = "", base=None):
             hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown config key {prefix + str(k)!r} for {cls.__name__}{hint}; "
                               f"the keys are listed by --help")
-        kwargs[name] = _convert(value, fields[name], prefix + name, getattr(base, name, None))
+        kwargs[name] = _convert(value, fields[name], prefix + name, getattr(base, name))
     try:
-        return dataclasses.replace(base if base is not None else cls(), **kwargs)
+        return dataclasses.replace(base, **kwargs)
     except ConfigError as err:
         raise err.under(prefix) from None
 
