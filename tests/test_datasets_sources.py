@@ -84,3 +84,19 @@ def test_chat_records_response_boundary_with_system_prompt(tmp_path, eos_is_end)
     assert prompts[0]["prompt"].endswith("<|assistant|> ")
     with pytest.raises(DataError, match="line 1, column 'prompt': chat-formatted records need a tokenizer"):
         load_records(tmp_path / "sft.jsonl", "sft")
+
+
+def test_cli_dpo_reads_a_saved_dataset_with_column_flags(tmp_path, capsys):
+    from _trainer_common import tiny_policy, tokenizer
+    from rlhf_fast.cli import main
+    from rlhf_fast.models import save_model
+    tok = tokenizer()
+    save_model(tiny_policy(tok), tok, tmp_path / "sft")
+    Dataset.from_dict(ROWS).save_to_disk(str(tmp_path / "ds"))
+    args = ["dpo", "--model", str(tmp_path / "sft"), "--comparisons", str(tmp_path / "ds"), "--out-dir",
+            str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "2", "--progress", "false",
+            "--prompt-column", "question", "--chosen-column", "good"]
+    assert main(args + ["--rejected-column", "bad"]) == 0
+    assert (tmp_path / "run" / "model" / "config.json").exists()
+    assert main(args + ["--rejected-column", "worse"]) == 2
+    assert f"{tmp_path / 'ds'}: row 1, column 'worse': missing" in capsys.readouterr().err
