@@ -60,8 +60,8 @@ def _ours_inputs(size) -> dict:
     from rlhf_fast.trainer.dpo_config import DPOConfig
     from rlhf_fast.trainer.dpo import DPOTrainer
     tok, model, records = _assets(*size)
-    cfg = DPOConfig(out_dir=tempfile.mkdtemp(prefix="dpo_bench_"), batch_size=size[0], micro_batch_size=size[0] // ACCUM,
-                    beta=BETA, lr=1e-6, max_steps=1000, progress=False)
+    cfg = DPOConfig(out_dir=tempfile.mkdtemp(prefix="dpo_bench_"), batch_size=size[0],
+                    micro_batch_size=size[0] // ACCUM, beta=BETA, lr=1e-6, max_steps=1000, progress=False)
     trainer = DPOTrainer(cfg, model, tok, records)
     t0 = time.perf_counter()
     trainer.ref_logps = trainer.compute_reference()

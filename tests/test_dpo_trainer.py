@@ -131,8 +131,8 @@ def test_cli_dpo(tmp_path, lora_rank):
     write_jsonl(tmp_path / "c.jsonl", pairs(8) + [{"prompt": "1 2 :", "completions": ["1 2", "2 1", "1"],
                                                    "best": 0}])
     rc = main(["dpo", "--model", str(tmp_path / "sft"), "--comparisons", str(tmp_path / "c.jsonl"),
-               "--out-dir", str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "5", "--lora-rank", str(lora_rank),
-               "--lr", "1e-2", "--progress", "false"])
+               "--out-dir", str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "5",
+               "--lora-rank", str(lora_rank), "--lr", "1e-2", "--progress", "false"])
     assert rc == 0
     out = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
     assert not any("lora" in k for k in out.state_dict())                   # adapter merged into the saved model

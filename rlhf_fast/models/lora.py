@@ -24,7 +24,8 @@ import sys
 
 import torch
 
-from rlhf_fast.rollout.weight_sync import NamedTensors, SyncStats, default_name_map, layer_key, plan_buckets, push_buckets
+from rlhf_fast.rollout.weight_sync import (NamedTensors, SyncStats, default_name_map, layer_key, plan_buckets,
+                                           push_buckets)
 
 __all__ = ["apply_lora", "is_lora", "maybe_lora", "merged_lora_weights", "merged_model", "reference_mode",
            "sync_lora"]

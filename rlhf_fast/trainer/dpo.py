@@ -11,8 +11,9 @@ The reference log-probs ``ref`` [N, 2] are computed once, before the first updat
 (no_grad, same forward) and cached in the trainer state (checkpoints carry them, so a resumed run uses the
 original reference); SimPO has none. The reference is ``ref_model`` when given, else the policy as given
 (the SFT model) before its first update: with a LoRA policy (:mod:`rlhf_fast.models.lora`) the base with the
-adapter disabled. Either way no second copy of the policy's weights is held while training. ``micro_batch_size`` pairs per forward/backward bound the activation memory; their gradients add
-up to the full batch's (each micro-batch's mean loss is weighted by its share of the pairs).
+adapter disabled. Either way no second copy of the policy's weights is held while training.
+``micro_batch_size`` pairs per forward/backward bound the activation memory; their gradients add up to the
+full batch's (each micro-batch's mean loss is weighted by its share of the pairs).
 Best-of-K records become K-1 pairs (the best against each other completion). Metrics as TRL's:
 ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``,
 ``logps/rejected`` (batch means).
