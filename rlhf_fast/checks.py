@@ -30,27 +30,26 @@ def flag(arg: str) -> str:
     return "--" + arg.replace("_", "-")
 
 
-def check_file(arg: str, path: str | os.PathLike | None) -> str:
-    """``path`` if it is an existing regular file; else :class:`InputError` naming ``arg``."""
+def _existing(arg: str, path: str | os.PathLike | None, noun: str, is_kind, wrong_kind: str) -> str:
     if not path:
-        raise InputError(f"{flag(arg)} is required (a file)")
+        raise InputError(f"{flag(arg)} is required (a {noun})")
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise InputError(f"{flag(arg)}: no such file: {path}")
-    if not os.path.isfile(path):
-        raise InputError(f"{flag(arg)}: not a regular file: {path}")
+        raise InputError(f"{flag(arg)}: no such {noun}: {path}")
+    if not is_kind(path):
+        raise InputError(f"{flag(arg)}: {wrong_kind}: {path}")
     return path
+
+
+def check_file(arg: str, path: str | os.PathLike | None) -> str:
+    """``path`` if it is an existing regular file; else :class:`InputError` naming ``arg``."""
+    return _existing(arg, path, "file", os.path.isfile, "not a regular file")
 
 
 def check_model_dir(arg: str, path: str | os.PathLike | None):
     """The ``transformers`` config of the local model directory ``path`` (read from config.json only)."""
-    if not path:
-        raise InputError(f"{flag(arg)} is required (a local HF model directory)")
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise InputError(f"{flag(arg)}: no such local model directory: {path}")
-    if not os.path.isdir(path):
-        raise InputError(f"{flag(arg)}: not a directory (a local HF model directory is expected): {path}")
+    path = _existing(arg, path, "local model directory", os.path.isdir,
+                     "not a directory (a local HF model directory is expected)")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise InputError(f"{flag(arg)}: {path} has no config.json (not a HF model directory)")
     if not any(glob.glob(os.path.join(path, p)) for p in WEIGHT_PATTERNS):

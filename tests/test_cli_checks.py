@@ -16,7 +16,7 @@ from rlhf_fast.data import SortTask, build_tokenizer, write_jsonl
 from rlhf_fast.data.collators import encode_completion, encode_prompt
 from rlhf_fast.data.jsonl import read_jsonl_lines
 from rlhf_fast.data.overlong import fit_to_context
-from rlhf_fast.models import RewardModel, save_model
+from rlhf_fast.models import RewardModel, build_tiny_llama, save_model, tiny_llama_config
 
 CONTEXT = 24   # tiny_policy's max_position_embeddings
 LONG_PROMPT = " ".join(["3"] * 30) + " :"
@@ -32,6 +32,11 @@ def assets(tmp_path_factory):
     RewardModel.from_causal_lm(tiny_policy(other, seed=1)).save_pretrained(root / "rm_other_tok", other)
     small = build_tokenizer(["1 2"])
     RewardModel.from_causal_lm(tiny_policy(small, seed=1)).save_pretrained(root / "rm_small_vocab")
+    short = build_tiny_llama(tiny_llama_config(len(tok), 64, 1, 128, max_position_embeddings=16))
+    RewardModel.from_causal_lm(short).save_pretrained(root / "rm_short", tok)
+    (root / "bad_config").mkdir()
+    (root / "bad_config" / "config.json").write_text("{not json")
+    (root / "bad_config" / "model.safetensors").write_bytes(b"")
     (root / "no_config").mkdir()
     (root / "a_file").write_text("x")
     prompts = [{"prompt": p} for p in SortTask().prompts(8, seed=0)]
@@ -68,6 +73,8 @@ MISTAKES = [
     ("model_is_file", lambda a: _ppo(a, "--model", str(a / "a_file")), "--model: not a directory"),
     ("model_no_config", lambda a: _ppo(a, "--model", str(a / "no_config")),
      "--model: {a}/no_config has no config.json"),
+    ("model_bad_config", lambda a: _ppo(a, "--model", str(a / "bad_config")),
+     "--model: cannot read {a}/bad_config/config.json"),
     ("rm_required", lambda a: [x for x in _ppo(a) if x not in ("--reward-model", str(a / "rm"))],
      "--reward-model is required"),
     ("rm_other_tokenizer", lambda a: _ppo(a, "--reward-model", str(a / "rm_other_tok")),
@@ -76,6 +83,8 @@ MISTAKES = [
      "--reward-model: vocab_size 6 is smaller than the policy tokenizer's"),
     ("prompt_overlong", lambda a: _ppo(a, "--prompts", str(a / "long_prompts.jsonl")),
      "{a}/long_prompts.jsonl:3: prompt is 32 tokens; + max_new_tokens 4 > 24, the context of --model"),
+    ("rm_context", lambda a: _ppo(a, "--reward-model", str(a / "rm_short"), "--max-new-tokens", "10"),
+     "{a}/prompts.jsonl:1: prompt is 7 tokens; + max_new_tokens 10 > 16, the context of --reward-model"),
     ("max_new_tokens", lambda a: _ppo(a, "--max-new-tokens", "24"),
      "--max-new-tokens 24 leaves no room for a prompt in the context of --model (24 tokens)"),
     ("ptx_missing", lambda a: _ppo(a, "--ptx-coef", "0.1", "--ptx-data", str(a / "nope.jsonl")),
