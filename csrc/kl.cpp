@@ -1,7 +1,7 @@
 // KL estimators and reward shaping on CPU (see rlhf_fast/ops/kl.py for the math).
-//   x = logp - ref_logp;  k1 = x, k2 = x^2/2, k3 = exp(-x) + x - 1, abs = |x|;  optional clamp to [-c, c].
+//   x = logp - ref_logp;  k1 = x, k2 = x^2/2, k3 = expm1(-x) + x, abs = |x|;  optional clamp to [-c, c].
 // Elementwise passes over the flattened tensors (kl_forward / kl_backward) and one pass per row for
-// shape_rewards, in fp32 lanes of 4 (rlhf_fast::map_lanes; the k3 exp is rlhf_fast::exp_full: std::exp is a
+// shape_rewards, in fp32 SIMD lanes (rlhf_fast::map_lanes; the k3 expm1 is rlhf_fast::expm1_full: std::expm1 is a
 // scalar libm call and GCC turns scalar selects into branches, either of which stops the vectoriser);
 // inputs converted to fp32 once; OpenMP via at::parallel_for.
 #include "loss_common.h"
@@ -26,7 +26,7 @@ template <int E>
 inline vf kl_value(vf x) {
   if constexpr (E == K1) return x;
   else if constexpr (E == K2) return 0.5f * x * x;
-  else if constexpr (E == K3) return rlhf_fast::exp_full(-x) + x - 1.f;
+  else if constexpr (E == K3) return rlhf_fast::expm1_full(-x) + x;
   else return x < 0.f ? -x : x;
 }
 
@@ -34,7 +34,7 @@ template <int E>
 inline vf kl_grad(vf x) {  // d value / d logp
   if constexpr (E == K1) return splat(1.f);
   else if constexpr (E == K2) return x;
-  else if constexpr (E == K3) return 1.f - rlhf_fast::exp_full(-x);
+  else if constexpr (E == K3) return -rlhf_fast::expm1_full(-x);
   else return x > 0.f ? splat(1.f) : (x < 0.f ? splat(-1.f) : splat(0.f));  // sign; 0 at 0 and NaN
 }
 

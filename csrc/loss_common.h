@@ -76,6 +76,21 @@ inline vf exp_full(vf x) {
   return x > 88.f ? splat(std::numeric_limits<float>::infinity()) : (x < -87.f ? splat(0.f) : e);
 }
 
+// expm1(x) = exp(x) - 1 without the cancellation near 0: the Taylor series to x^8 / 8! for |x| < 1/2 (the
+// remainder x^9 / 9! is < 2^-26 of the value there), exp_full(x) - 1 elsewhere (|exp(x) - 1| >= 0.39 there,
+// so the subtraction costs at most ~3 ulp). k3 = expm1(-x) + x and its gradient -expm1(-x) use it.
+inline vf expm1_full(vf x) {
+  vf p = x * (1.f / 40320.f) + (1.f / 5040.f);
+  p = p * x + (1.f / 720.f);
+  p = p * x + (1.f / 120.f);
+  p = p * x + (1.f / 24.f);
+  p = p * x + (1.f / 6.f);
+  p = p * x + 0.5f;
+  p = (p * x) * x + x;
+  const vf ax = x < 0.f ? -x : x;
+  return ax < 0.5f ? p : exp_full(x) - 1.f;
+}
+
 // kLanes consecutive elements as fp32 lanes.
 inline vf loadv(const float* x) {
   vf v;

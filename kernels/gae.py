@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_fast.kernels._tiling import row_tiling
+from rlhf_fast.kernels.configs import GAE_MAX_ELEMS, ROW_WARPS, row_tiling
 
 
 @triton.jit
@@ -77,9 +77,9 @@ def gae_triton(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, 
     if B == 0 or T == 0:
         return adv, ret
     m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-    rows, block_t, grid = row_tiling(B, T, max_block_t)
+    rows, block_t, grid = row_tiling(B, T, max_block_t, GAE_MAX_ELEMS)
     _gae_kernel[grid](rewards, values, m, adv, ret, B, T,
                       rewards.stride(0), rewards.stride(1), values.stride(0), values.stride(1),
                       m.stride(0), m.stride(1), float(gamma), float(gamma * lam),
-                      ROWS=rows, BLOCK_T=block_t, num_warps=4)
+                      ROWS=rows, BLOCK_T=block_t, num_warps=ROW_WARPS)
     return adv, ret

@@ -10,9 +10,21 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_fast.kernels._tiling import row_tiling
+from rlhf_fast.kernels.configs import ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, ROW_WARPS, row_tiling
 
-_BLOCK = 1024
+
+@triton.jit
+def _expm1(x):
+    """exp(x) - 1 without the cancellation near 0: Taylor to x^8 / 8! for |x| < 1/2, exp(x) - 1 elsewhere
+    (the same split as csrc/loss_common.h expm1_full; triton 3.6 and 3.9 share no portable expm1)."""
+    p = x * (1.0 / 40320.0) + (1.0 / 5040.0)
+    p = p * x + (1.0 / 720.0)
+    p = p * x + (1.0 / 120.0)
+    p = p * x + (1.0 / 24.0)
+    p = p * x + (1.0 / 6.0)
+    p = p * x + 0.5
+    p = (p * x) * x + x
+    return tl.where(tl.abs(x) < 0.5, p, tl.exp(x) - 1.0)
 
 
 @triton.jit
@@ -22,7 +34,7 @@ def _kl_value(x, EST: tl.constexpr):
     elif EST == 1:
         v = 0.5 * x * x
     elif EST == 2:
-        v = tl.exp(-x) + x - 1.0
+        v = _expm1(-x) + x
     else:
         v = tl.abs(x)
     return v
@@ -35,7 +47,7 @@ def _kl_grad(x, EST: tl.constexpr):
     elif EST == 1:
         g = x
     elif EST == 2:
-        g = 1.0 - tl.exp(-x)
+        g = -_expm1(-x)
     else:
         g = tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
     return g
@@ -111,8 +123,9 @@ def kl_forward_triton(logp, ref_logp, est: int, clamp: float | None) -> torch.Te
     out = torch.empty(logp.shape, dtype=torch.float32, device=logp.device)
     n = out.numel()
     if n:
-        _kl_fwd_kernel[(triton.cdiv(n, _BLOCK),)](_flat(logp), _flat(ref_logp), out, n, clamp or 0.0,
-                                                  EST=est, CLAMP=clamp is not None, BLOCK=_BLOCK)
+        _kl_fwd_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK),)](_flat(logp), _flat(ref_logp), out, n, clamp or 0.0,
+                                                  EST=est, CLAMP=clamp is not None, BLOCK=ELEMENTWISE_BLOCK,
+                                                  num_warps=ELEMENTWISE_WARPS)
     return out
 
 
@@ -121,10 +134,11 @@ def kl_backward_triton(grad, logp, ref_logp, est: int, straight: bool, clamp: fl
     g_ref = torch.empty(ref_logp.shape, dtype=ref_logp.dtype, device=ref_logp.device) if need_ref else None
     n = g_logp.numel()
     if n:
-        _kl_bwd_kernel[(triton.cdiv(n, _BLOCK),)](_flat(grad), _flat(logp), _flat(ref_logp), g_logp,
+        _kl_bwd_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK),)](_flat(grad), _flat(logp), _flat(ref_logp), g_logp,
                                                   g_ref if need_ref else g_logp, n, clamp or 0.0, EST=est,
                                                   STRAIGHT=straight, CLAMP=clamp is not None,
-                                                  NEED_REF=need_ref, BLOCK=_BLOCK)
+                                                  NEED_REF=need_ref, BLOCK=ELEMENTWISE_BLOCK,
+                                                  num_warps=ELEMENTWISE_WARPS)
     return g_logp, g_ref
 
 
@@ -141,5 +155,5 @@ def shape_rewards_triton(scores, logp, ref_logp, mask, kl_coef: float, est: int,
         scores.contiguous(), logp, ref_logp, m, rewards, kl, B, T,
         logp.stride(0), logp.stride(1), ref_logp.stride(0), ref_logp.stride(1), m.stride(0), m.stride(1),
         float(kl_coef), clamp or 0.0, reward_clip or 0.0, EST=est, CLAMP=clamp is not None,
-        CLIP=reward_clip is not None, ROWS=rows, BLOCK_T=block_t, num_warps=4)
+        CLIP=reward_clip is not None, ROWS=rows, BLOCK_T=block_t, num_warps=ROW_WARPS)
     return rewards, kl

@@ -14,8 +14,23 @@ The S partial (m, d, q, s_y) rows are merged in torch (a few [S, N] ops)::
 
 Splitting the vocabulary keeps the GPU busy when N / BLOCK_N is small. Rows are a grid axis of size
 cdiv(N, BLOCK_N) on axis 0 (no 65,535 limit). Under ``TRITON_INTERPRET=1`` bf16 ``tl.dot`` is wrong
-(triton 3.9), so operands are upcast to fp32 there (constexpr ``UPCAST``). fp32 inputs use IEEE fp32 dots
-(no TF32) so they match the reference; bf16/fp16 inputs run on tensor cores with fp32 accumulation.
+(triton 3.9), so operands are upcast to fp32 there (constexpr ``UPCAST``).
+
+Precision and tiles (``rlhf_fast.kernels.configs.linear_logprob_tile``, chosen from the static kernel report,
+``python -m benchmarks kernels``): bf16/fp16 inputs run on tensor cores (HGMMA on sm_90, HMMA on sm_80) with
+fp32 accumulation. fp32 inputs follow ``torch.backends.cuda.matmul.allow_tf32``, like the cuBLAS matmuls of
+the backward and of torch's own lm_head:
+
+- off (torch's default): IEEE fp32 dots: the reference's fp32 arithmetic up to summation order. There
+  is no fp32 tensor-core instruction, so this path is FFMA-bound (~1/15 of the bf16 tensor-core rate on
+  H100); its tile is the largest that does not spill (64x128x64 on sm_90: ~205 registers; 64x128x32 on
+  sm_80, where K = 64 spills ~250 bytes to local memory).
+- on: TF32 tensor cores (operands rounded to 10 mantissa bits, fp32 accumulation): each product carries a
+  relative error up to ~2^-10, with random signs, so a logit's error is ~3e-4 x the logits' standard deviation,
+  whatever H. Measured by emulating the TF32 rounding against float64 on CPU (H = 4096, V = 32000, 64 tokens):
+  logit std 1 -> rms logit error 2.9e-4, max |d logp| 8e-4 nats; std 3 -> 8.8e-4 and 2.1e-3 (H = 1024 the
+  same). That is the order of a bf16 model's own logits: fine for rollout and reference log-probs, not where
+  fp32 log-probs must match an fp32 reference (keep it off there).
 """
 from __future__ import annotations
 
@@ -24,6 +39,7 @@ import triton
 import triton.language as tl
 
 from rlhf_fast._backend import triton_interpreting
+from rlhf_fast.kernels.configs import LinearTile, linear_logprob_tile
 
 
 @triton.jit
@@ -88,16 +104,21 @@ def _linear_logprob_fwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, m_ptr, d_ptr, q_
         tl.store(q_ptr + out, q, mask=row_ok)
 
 
-def _config(hidden: torch.Tensor, V: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_V, BLOCK_K, splits, num_warps)."""
+_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _config(hidden: torch.Tensor, V: int) -> tuple[LinearTile, int]:
+    """(tile of :func:`rlhf_fast.kernels.configs.linear_logprob_tile`, vocabulary splits)."""
     if triton_interpreting():
-        block_n, block_v, block_k, warps, target = 16, 512, 32, 4, 1
+        tile, target = linear_logprob_tile(_DTYPES[hidden.dtype], None), 1
     else:
-        block_n, block_v, block_k, warps = 64, 128, 64, 8
-        target = 4 * torch.cuda.get_device_properties(hidden.device).multi_processor_count
-    n_blocks = triton.cdiv(hidden.shape[0], block_n)
-    splits = max(1, min(triton.cdiv(target, n_blocks), triton.cdiv(V, block_v)))
-    return block_n, block_v, block_k, splits, warps
+        props = torch.cuda.get_device_properties(hidden.device)
+        tile = linear_logprob_tile(_DTYPES[hidden.dtype], props.major * 10 + props.minor,
+                                   allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+        target = 4 * props.multi_processor_count
+    n_blocks = triton.cdiv(hidden.shape[0], tile.block_n)
+    splits = max(1, min(triton.cdiv(target, n_blocks), triton.cdiv(V, tile.block_v)))
+    return tile, splits
 
 
 def linear_logprob_forward_triton(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -107,20 +128,19 @@ def linear_logprob_forward_triton(hidden: torch.Tensor, weight: torch.Tensor, bi
     N, H = hidden.shape
     V = weight.shape[0]
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
-    block_n, block_v, block_k, splits, warps = _config(hidden, V)
-    cols_per_split = triton.cdiv(triton.cdiv(V, splits), block_v) * block_v
+    tile, splits = _config(hidden, V)
+    cols_per_split = triton.cdiv(triton.cdiv(V, splits), tile.block_v) * tile.block_v
     splits = triton.cdiv(V, cols_per_split)                   # every split owns at least one column
     stats = torch.empty(4, splits, N, dtype=torch.float32, device=hidden.device)
     m, d, q, sy = stats.unbind(0)
     if N:
-        _linear_logprob_fwd_kernel[(triton.cdiv(N, block_n), splits)](
+        _linear_logprob_fwd_kernel[(triton.cdiv(N, tile.block_n), splits)](
             hidden, weight, weight if bias is None else bias, labels, m, d, q, sy,
             N, V, H, hidden.stride(0), weight.stride(0), cols_per_split, 1.0 / temperature,
             1.0 if softcap is None else softcap,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, NEED_ENTROPY=need_entropy,
-            UPCAST=triton_interpreting(),
-            DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else None,
-            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=warps)
+            UPCAST=triton_interpreting(), DOT_PRECISION=tile.dot_precision,
+            BLOCK_N=tile.block_n, BLOCK_V=tile.block_v, BLOCK_K=tile.block_k, num_warps=tile.num_warps)
     big_m = m.max(0).values
     scale = torch.exp(m - big_m)
     denom = (d * scale).sum(0)

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from rlhf_fast._backend import triton_interpreting
+from rlhf_fast.kernels.configs import logprob_tiling
 
 _MIN_EXP_ARG = tl.constexpr(-87.0)  # exp(-87) > FLT_MIN; keeps p * log p finite for -inf logits (as the native backend)
 
@@ -117,14 +118,6 @@ def _row_layout(t: torch.Tensor) -> tuple[int, int, int]:
     return max(t.size(1), 1), t.stride(0), t.stride(1)
 
 
-def _launch_config(N: int, V: int) -> tuple[int, int, int]:
-    """(R rows per program, BLOCK_V, num_warps). The interpreter prefers few, wide programs."""
-    tile = 2**14 if triton_interpreting() else 4096
-    block_v = min(triton.next_power_of_2(V), tile)
-    rows = max(1, min(triton.next_power_of_2(max(N, 1)), tile // block_v))
-    return rows, block_v, 8 if block_v >= 2048 else 4
-
-
 def logprob_forward_triton(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
                            need_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """``(logp, entropy or None, lse)`` fp32 [N] for logits [N, V] or [B, T, V] (unit stride along V)."""
@@ -136,7 +129,7 @@ def logprob_forward_triton(logits: torch.Tensor, labels: torch.Tensor, temperatu
     if N == 0:
         return logp, entropy, lse
     T, sb, st = _row_layout(logits)
-    R, block_v, warps = _launch_config(N, V)
+    R, block_v, warps = logprob_tiling(N, V, triton_interpreting())
     _logprob_fwd_kernel[(triton.cdiv(N, R),)](
         logits, labels, logp, entropy if need_entropy else logp, lse, N, V, T, sb, st, 1.0 / temperature,
         ignore_index, NEED_ENTROPY=need_entropy, R=R, BLOCK_V=block_v, num_warps=warps)
@@ -153,7 +146,7 @@ def logprob_backward_triton(logits: torch.Tensor, labels: torch.Tensor, lse: tor
         return
     T, sb, st = _row_layout(logits)
     _, osb, ost = _row_layout(out)
-    R, block_v, warps = _launch_config(N, V)
+    R, block_v, warps = logprob_tiling(N, V, triton_interpreting())
     _logprob_bwd_kernel[(triton.cdiv(N, R),)](
         logits, labels, lse, grad_logp if grad_logp is not None else lse,
         grad_entropy if grad_entropy is not None else lse, entropy if entropy is not None else lse, out,

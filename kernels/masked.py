@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_fast.kernels._tiling import row_tiling
+from rlhf_fast.kernels.configs import ROW_WARPS, row_tiling
 
 
 @triton.jit
@@ -51,5 +51,5 @@ def masked_row_stats_triton(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     rows, block_t, grid = row_tiling(R, T)
     _row_stats_kernel[grid](x, m, out, R, T, x.stride(0), x.stride(1), m.stride(0), m.stride(1),
-                                               ROWS=rows, BLOCK_T=block_t, num_warps=4)
+                                               ROWS=rows, BLOCK_T=block_t, num_warps=ROW_WARPS)
     return out

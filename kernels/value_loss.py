@@ -1,6 +1,6 @@
 """Clipped PPO value loss (Triton): one fused forward and one fused backward kernel.
 
-A program owns ``ROWS`` rows and sweeps them in ``BLOCK_T`` chunks (``rlhf_fast.kernels._tiling``).
+A program owns ``ROWS`` rows and sweeps them in ``BLOCK_T`` chunks (``rlhf_fast.kernels.configs``).
 Forward: per-row partials ``[B, 8]`` fp32 in the column order of ``rlhf_fast.ops.value_loss.VALUE_PARTS``
 (and, with TOKEN_OUT, the masked per-token loss); backward: ``dv = coef * m * dl/dv`` with ``coef`` the per-row
 ``g * s_b`` or the per-token upstream gradient. Per-token math as in the op's docstring.
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_fast.kernels._tiling import row_tiling
+from rlhf_fast.kernels.configs import ROW_WARPS, row_tiling
 
 
 @triton.jit
@@ -104,7 +104,7 @@ def value_loss_forward_triton(values, old_values, returns, mask, clip, token_out
     rows, block_t, grid = row_tiling(B, T)
     _value_fwd_kernel[grid](values, old_values, returns, mask.view(torch.uint8), parts,
                             tok if token_out else parts, B, T, clip, TOKEN_OUT=token_out, ROWS=rows,
-                            BLOCK_T=block_t, num_warps=4)
+                            BLOCK_T=block_t, num_warps=ROW_WARPS)
     return parts, tok
 
 
@@ -116,5 +116,5 @@ def value_loss_backward_triton(values, old_values, returns, mask, coef, clip):
         return grad
     rows, block_t, grid = row_tiling(B, T)
     _value_bwd_kernel[grid](values, old_values, returns, mask.view(torch.uint8), coef, grad, B, T, clip,
-                            COEF_PER_TOKEN=coef.dim() == 2, ROWS=rows, BLOCK_T=block_t, num_warps=4)
+                            COEF_PER_TOKEN=coef.dim() == 2, ROWS=rows, BLOCK_T=block_t, num_warps=ROW_WARPS)
     return grad

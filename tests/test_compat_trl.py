@@ -91,6 +91,36 @@ def test_temperature_must_be_positive():
         ours.selective_log_softmax(_logits(), torch.zeros(B, T, dtype=torch.long), temperature=0.0)
 
 
+@pytest.mark.parametrize("k", [None, 3])
+def test_selective_log_softmax_compiles_fullgraph(k):
+    """As TRL's own test: ``torch.compile(selective_log_softmax, fullgraph=True)`` (no graph break from the
+    label check, whose data-dependent branch is skipped while compiling) matches eager, values and grads.
+    aot_eager traces through dynamo and AOTAutograd without Inductor's C++ build, to keep it fast."""
+    torch._dynamo.reset()
+    logits = _logits()
+    index = torch.randint(0, V, (B, T) if k is None else (B, T, k))
+    compiled = torch.compile(ours.selective_log_softmax, fullgraph=True, backend="aot_eager")
+    mine, eager = _pair(logits)
+    out = compiled(mine, index, 0.7)
+    ref = ours.selective_log_softmax(eager, index, 0.7)
+    torch.testing.assert_close(out, ref, **TOL)
+    g = torch.randn(out.shape)
+    (out * g).sum().backward()
+    (ref * g).sum().backward()
+    torch.testing.assert_close(mine.grad, eager.grad, **TOL)
+
+
+def test_out_of_range_labels_raise_on_cpu_and_give_nan_when_compiled():
+    """Eager CPU: a ValueError naming the labels. Compiled (and on CUDA: no device sync): NaN at that row only."""
+    torch._dynamo.reset()
+    logits, index = _logits(), torch.randint(0, V, (B, T))
+    index[1, 2] = V
+    with pytest.raises(ValueError, match="labels"):
+        ours.selective_log_softmax(logits, index)
+    out = torch.compile(ours.selective_log_softmax, fullgraph=True, backend="aot_eager")(logits, index)
+    assert torch.isnan(out[1, 2]) and torch.isfinite(out.flatten()[torch.arange(B * T) != 1 * T + 2]).all()
+
+
 def _trl_1_10_masked_whiten(values, mask, shift_mean=True):
     """TRL 1.10 trl/experimental/ppo/ppo_trainer.py masked_mean / masked_var / masked_whiten, inlined."""
     def masked_mean(v, m):

@@ -19,7 +19,7 @@ GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7}
 VALUE = {   # x = logp - ref_logp
     "k1": lambda x: x,
     "k2": lambda x: 0.5 * x ** 2,
-    "k3": lambda x: torch.exp(-x) + x - 1,
+    "k3": lambda x: torch.expm1(-x) + x,
     "abs": lambda x: x.abs(),
 }
 
@@ -55,6 +55,34 @@ def test_kl_penalty_value_and_grads(backend, estimator, clamp, dtype):
     # the expected gradient, rounded to the input dtype as ours is
     torch.testing.assert_close(logp.grad.cpu(), lp.grad.to(dtype), atol=tol, rtol=GRAD_RTOL[dtype])
     torch.testing.assert_close(ref.grad.cpu(), rp.grad.to(dtype), atol=tol, rtol=GRAD_RTOL[dtype])
+
+
+# k3 = expm1(-x) + x ~ x^2 / 2 near 0. Every backend computes in fp32 from the (exactly upcast) inputs, so for
+# any input dtype the error is the rounding of expm1(-x) ~ -x (a few ulp of x) relative to x^2 / 2, i.e.
+# ~ eps32 / |x|, plus a few ulp of the result. exp(-x) + x - 1 instead keeps an absolute error of ~eps32 (the
+# rounding of exp(-x) ~ 1): a relative ~2 eps32 / x^2, 1e-3 at |x| = 1e-2, which this bound rejects.
+EPS32 = torch.finfo(torch.float32).eps
+K3_SMALL_X = torch.cat([torch.logspace(-4, 0, 41), -torch.logspace(-4, 0, 41)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_k3_small_log_ratio_against_float64(backend, dtype):
+    dev = device_for(backend)
+    x = K3_SMALL_X.to(dtype)
+    logp = x.to(dev, copy=True).requires_grad_()
+    out = kl_penalty(logp, torch.zeros_like(logp), "k3", backend=backend)
+    out.backward(torch.ones_like(out))
+    x64 = x.double()
+    want = torch.expm1(-x64) + x64
+    rel = ((out.detach().cpu().double() - want) / want).abs()
+    bound = EPS32 * (8 / x64.abs() + 8)
+    assert (rel <= bound).all(), f"worst at x={x64[(rel / bound).argmax()].item():.3g}: {rel.max().item():.3g}"
+    # the fused backends' gradient -expm1(-x), returned in the input dtype: within one of its ulps. torch's autograd
+    # of expm1 forms 1 - (expm1(-x) + 1): absolute error ~eps32, the reference's own limit.
+    grad_want = -torch.expm1(-x64)
+    grad_err = (logp.grad.cpu().double() - grad_want).abs()
+    grad_bound = (8 * EPS32 + torch.finfo(dtype).eps) * grad_want.abs()   # one ulp: the interpreter truncates
+    assert (grad_err <= (grad_bound + 2 * EPS32 if backend == "torch" else grad_bound)).all()
 
 
 def test_k3_over_the_whole_float_range(backend):

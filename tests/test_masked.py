@@ -128,3 +128,36 @@ def test_bad_input(fn, kwargs, err, match):
     args = {"x": torch.randn(3, 4), "mask": torch.ones(3, 4, dtype=torch.bool), **kwargs}
     with pytest.raises(err, match=match):
         fn(**args)
+
+
+def _mask_ops(dev="cpu"):
+    """Every public op taking a mask, as ``f(mask, backend)`` on [3, 4] inputs on ``dev``."""
+    from rlhf_fast.ops import gae, ppo_policy_loss, ppo_value_loss, shape_rewards
+    x, scores = torch.randn(3, 4, device=dev), torch.randn(3, device=dev)
+    return {
+        "masked_mean": lambda m, b: masked_mean(x, m, backend=b),
+        "masked_whiten": lambda m, b: masked_whiten(x, m, backend=b),
+        "gae": lambda m, b: gae(x, x, m, backend=b)[0],
+        "shape_rewards": lambda m, b: shape_rewards(scores, x, x * 0.5, m, 0.1, backend=b)[0],
+        "ppo_policy_loss": lambda m, b: ppo_policy_loss(x, x * 0.9, x, m, backend=b)[0],
+        "ppo_value_loss": lambda m, b: ppo_value_loss(x, x * 0.9, x, m, backend=b)[0],
+    }
+
+
+@pytest.mark.parametrize("op", list(_mask_ops()))
+def test_masks_select_tokens_and_reject_other_values(backend, op):
+    """bool and {0,1} numeric masks give the same result; any other value (a weight-like 0.5, 2, -1, NaN)
+    is a ValueError naming the mask in every op, never read as 1 (the one check: _validation.check_mask)."""
+    dev = device_for(backend)
+    fn = _mask_ops(dev)[op]
+    m = awkward_mask(3, 4).to(dev)
+    want = fn(m, backend)
+    for numeric in (m.float(), m.to(torch.bfloat16), m.to(torch.uint8), m.long()):
+        torch.testing.assert_close(fn(numeric, backend), want)
+    for bad in (0.5, 2.0, -1.0, float("nan")):
+        weird = m.float()
+        weird[0, 0] = bad
+        with pytest.raises(ValueError, match="mask"):
+            fn(weird, backend)
+    with pytest.raises(ValueError, match="mask"):
+        fn(m.long() * 2, backend)

@@ -9,6 +9,10 @@ For each row, sweeping t = T-1 .. 0 over the valid positions (mask[t] true)::
 Masked positions output A_t = R_t = 0 and carry (V_next, A_next) through unchanged, so left padding,
 right padding and gaps (e.g. tool-output tokens) all work. Inputs [B, T] in any float dtype;
 outputs fp32 [B, T]. No gradient flows (advantages and returns are targets).
+
+Backends: torch (the loop above), native on CPU (csrc/gae.cpp) and on CUDA (csrc/cuda/gae.cu: one warp per
+row, both recursions as warp scans; what auto picks on CUDA tensors when ``_C`` is built with CUDA), triton
+(kernels/gae.py: tiles of rows, associative scans; auto's choice on CUDA otherwise).
 """
 from __future__ import annotations
 
@@ -47,9 +51,10 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     check_same_device({"rewards": rewards, "values": values, "mask": mask})
     gamma = check_in_range("gamma", gamma, 0.0, 1.0)
     lam = check_in_range("lam", lam, 0.0, 1.0)
-    backend = resolve_backend(backend, rewards)
+    backend = resolve_backend(backend, rewards, native_cuda="gae_forward_cuda")
     if backend == "native":
-        return native_module().gae_forward(rewards, values, mask, gamma, lam)
+        native = native_module()
+        return (native.gae_forward_cuda if rewards.is_cuda else native.gae_forward)(rewards, values, mask, gamma, lam)
     if backend == "triton":
         from rlhf_fast.kernels.gae import gae_triton
         return gae_triton(rewards, values, mask, gamma, lam)

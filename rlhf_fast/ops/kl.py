@@ -4,7 +4,7 @@ With the log-ratio ``x = logp - ref_logp`` (any shape, elementwise)::
 
     k1  (alias "kl")          x                              grad wrt logp: 1
     k2  (alias "mse")         x^2 / 2                        grad: x
-    k3  (alias "low_var_kl")  exp(-x) + x - 1   (>= 0)       grad: 1 - exp(-x)
+    k3  (alias "low_var_kl")  expm1(-x) + x     (>= 0)       grad: -expm1(-x)
     abs                       |x|                            grad: sign(x)
     <est>+  (e.g. "k3+")      value of <est>, gradient of k2 (straight-through, as verl's "+" suffix)
 
@@ -12,7 +12,9 @@ With the log-ratio ``x = logp - ref_logp`` (any shape, elementwise)::
 except for "+" variants, whose gradient is always the unclamped k2 one. The gradient wrt ``ref_logp`` is
 minus that wrt ``logp``. verl's ``low_var_kl``/``k3`` and OpenRLHF's ``k3`` are ``kl_penalty(logp, ref, "k3",
 clamp=10)`` (their inner clamps of x before the exp change nothing once the value is clamped to 10).
-Output fp32, computed in fp32.
+Output fp32, computed in fp32. k3 is evaluated as ``expm1(-x) + x`` in every backend, never as
+``exp(-x) + x - 1``: near x = 0 the latter loses everything but the rounding of ``exp(-x)`` (absolute error
+~eps, i.e. relative ~2 eps / x^2), the former only that of ``expm1(-x) ~ -x`` (relative ~2 eps / |x|).
 
 ``shape_rewards`` builds the PPO token rewards of Ziegler et al. / InstructGPT, for ``[B, T]`` inputs::
 
@@ -59,7 +61,7 @@ def kl_value_torch(x: torch.Tensor, base: str) -> torch.Tensor:
     if base == "k2":
         return 0.5 * x * x
     if base == "k3":
-        return torch.exp(-x) + x - 1
+        return torch.expm1(-x) + x
     return x.abs()
 
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from rlhf_fast._backend import resolve_backend
-from rlhf_fast._validation import check_labels, check_positive, check_same_device, check_tensor
+from rlhf_fast._validation import check_labels, check_positive, check_same_device, check_tensor, poison_rows
 from rlhf_fast.ops.logprob import logprob_entropy_backward, logprob_entropy_forward
 
 __all__ = ["linear_logprobs", "default_tile"]
@@ -213,12 +213,12 @@ def _check_args(hidden, weight, labels, bias, softcap, chunk_size, vocab_chunk_s
             raise ValueError(f"bias must be [{V}] of dtype {weight.dtype}, got {tuple(bias.shape)} {bias.dtype}")
     check_tensor("labels", labels)
     check_same_device({"hidden": hidden, "weight": weight, "labels": labels, "bias": bias})
-    labels1d = check_labels(labels, hidden.shape[:-1], "hidden.shape[:-1]", V, ignore_index)
+    labels1d, bad = check_labels(labels, hidden.shape[:-1], "hidden.shape[:-1]", V, ignore_index)
     check_positive("softcap", softcap, allow_none=True)
     for name, value in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-    return labels1d
+    return labels1d, bad
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None = None,
@@ -232,6 +232,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
         hidden: [..., H] fp32/bf16/fp16 (fp64 on the CPU backends); differentiable.
         weight: [V, H] lm_head weight, hidden's dtype; differentiable (gradient accumulated in fp32).
         labels: [...] integer ids in [0, V), or ``ignore_index`` (-> logp = entropy = 0, zero gradient).
+            Others raise a ValueError on CPU; on CUDA they give NaN (no device sync).
         bias: optional [V]; differentiable.
         temperature: positive; logits (after the soft cap) are divided by it.
         return_entropy: also return H = -sum p log p per token (differentiable too).
@@ -244,7 +245,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     Returns:
         logp [...] fp32, or ``(logp, entropy)``. See the module docstring for the math.
     """
-    labels1d = _check_args(hidden, weight, labels, bias, softcap, chunk_size, vocab_chunk_size, ignore_index)
+    labels1d, bad = _check_args(hidden, weight, labels, bias, softcap, chunk_size, vocab_chunk_size, ignore_index)
     temperature = check_positive("temperature", temperature)
     backend = resolve_backend(backend, hidden)
     if hidden.dtype == torch.float64 and backend != "torch":
@@ -257,5 +258,5 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     logp, entropy = _LinearLogprobFunction.apply(
         hidden2d, weight, bias, labels1d.contiguous(), temperature, ignore_index, return_entropy,
         None if softcap is None else float(softcap), tile, backend)
-    logp = logp.view(labels.shape)
-    return (logp, entropy.view(labels.shape)) if return_entropy else logp
+    logp = poison_rows(logp, bad).view(labels.shape)
+    return (logp, poison_rows(entropy, bad).view(labels.shape)) if return_entropy else logp

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from rlhf_fast._backend import native_module, resolve_backend
-from rlhf_fast._validation import check_labels, check_positive, check_same_device, check_tensor
+from rlhf_fast._validation import check_labels, check_positive, check_same_device, check_tensor, poison_rows
 
 __all__ = ["logprobs_from_logits", "logprob_entropy_forward", "logprob_entropy_backward"]
 
@@ -203,6 +203,7 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature
     Args:
         logits: [..., V] fp32/bf16/fp16 (fp64 on the torch backend); differentiable.
         labels: [...] integer token ids in [0, V), or ``ignore_index`` (-> logp = entropy = 0, zero gradient).
+            Others raise a ValueError on CPU; on CUDA and under torch.compile they give NaN (no device sync).
         temperature: positive; logits are divided by it.
         return_entropy: also return H = -sum p log p per token.
         backend: "auto" | "triton" | "native" | "torch".
@@ -215,7 +216,7 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature
     check_tensor("labels", labels)
     check_same_device({"logits": logits, "labels": labels})
     V = logits.size(-1)
-    labels1d = check_labels(labels, logits.shape[:-1], "logits.shape[:-1]", V, ignore_index)
+    labels1d, bad = check_labels(labels, logits.shape[:-1], "logits.shape[:-1]", V, ignore_index)
     temperature = check_positive("temperature", temperature)
     backend = resolve_backend(backend, logits)
 
@@ -226,5 +227,5 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature
     else:
         logp, entropy = _LogprobFunction.apply(_kernel_logits(_rows(logits)), labels1d.contiguous(), temperature,
                                                   ignore_index, return_entropy, backend)
-    logp = logp.view(labels.shape)
-    return (logp, entropy.view(labels.shape)) if return_entropy else logp
+    logp = poison_rows(logp, bad).view(labels.shape)
+    return (logp, poison_rows(entropy, bad).view(labels.shape)) if return_entropy else logp
