@@ -47,17 +47,9 @@ def _scale(mask: torch.Tensor, agg: str, totals: tuple[int, int]):
     return global_batch_scale(mask, agg, batch_num_tokens=totals[0], global_batch_size=totals[1])
 
 
-def ppo_objective(cfg, exp: Experience, out: Outputs, totals: tuple[int, int], ptx_mask: torch.Tensor | None = None,
-                  ptx_totals: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``(loss, stats)`` of micro-batch ``exp`` (its rows of the experience) with the model outputs ``out``.
-
-    cfg: PPOConfig (or anything with its fields: loss_agg, policy_loss, clip_*, dual_clip, gspo_clip_*, tis_cap,
-    vf_coef, value_clip, entropy_coef, ptx_coef). totals: ``(N, S)`` of the minibatch; ptx_mask/ptx_totals: the
-    ptx micro-batch's response mask and its batch's totals. Stats are detached 0-dim tensors; the loss terms in
-    them are this micro-batch's share (they add up over the minibatch).
-    """
+def _policy_terms(cfg, exp: Experience, out: Outputs, scale) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``L_policy - entropy_coef * H`` (scaled to the minibatch's totals) and their stats."""
     agg, mask = cfg.loss_agg, exp.mask
-    scale = _scale(mask, agg, totals)
     old_logp = out.logp.detach() if exp.old_logp is None else exp.old_logp
     policy, pstats = get_policy_loss(cfg.policy_loss)(
         out.logp, old_logp, exp.advantages, mask, cfg, agg,
@@ -69,6 +61,24 @@ def ppo_objective(cfg, exp: Experience, out: Outputs, totals: tuple[int, int], p
         stats["entropy"] = entropy.detach()
         if cfg.entropy_coef > 0:
             loss = loss - cfg.entropy_coef * entropy
+    return loss, stats
+
+
+def ppo_objective(cfg, exp: Experience, out: Outputs, totals: tuple[int, int], ptx_mask: torch.Tensor | None = None,
+                  ptx_totals: tuple[int, int] | None = None, policy_term: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(loss, stats)`` of micro-batch ``exp`` (its rows of the experience) with the model outputs ``out``.
+
+    cfg: PPOConfig (or anything with its fields: loss_agg, policy_loss, clip_*, dual_clip, gspo_clip_*, tis_cap,
+    vf_coef, value_clip, entropy_coef, ptx_coef). totals: ``(N, S)`` of the minibatch; ptx_mask/ptx_totals: the
+    ptx micro-batch's response mask and its batch's totals. Stats are detached 0-dim tensors; the loss terms in
+    them are this micro-batch's share (they add up over the minibatch). policy_term: ``L_policy - entropy_coef * H``
+    already computed (and differentiable) by :func:`rlhf_fast.algos.fused_objective.fused_policy_terms`; the
+    policy and entropy stats are then left to a pass without it (the trainer's whole-minibatch stats).
+    """
+    agg, mask = cfg.loss_agg, exp.mask
+    scale = _scale(mask, agg, totals)
+    loss, stats = (policy_term, {}) if policy_term is not None else _policy_terms(cfg, exp, out, scale)
     if out.values is not None:
         value, vstats = ops.ppo_value_loss(out.values, exp.values, exp.returns, mask, clip=cfg.value_clip, agg=agg)
         value = value * scale

@@ -28,6 +28,7 @@ import torch
 
 from rlhf_fast.algos import AdvantageParams, Experience, Outputs, make_experience, ppo_objective
 from rlhf_fast.algos.advantages import get_estimator
+from rlhf_fast.algos.fused_objective import fusable, fused_policy_terms, policy_head
 from rlhf_fast.data.collators import collate_prompts, collate_sft
 from rlhf_fast.models.policy_logprobs import policy_logprobs
 from rlhf_fast.models.reward_model import RewardModel
@@ -77,6 +78,7 @@ class PPOTrainer(Trainer):
     """
     name = "ppo"
     progress_keys = ("score", "true_score", "kl", "kl_coef", "entropy")
+    fused_objective = True   # the policy + entropy terms through ops.linear_ppo_objective where the objective allows
 
     def __init__(self, config: PPOConfig, policy, tokenizer, prompts: list[str], engine,
                  reward_model: RewardModel | None = None, reward_fn: ScoreFn | None = None,
@@ -174,17 +176,29 @@ class PPOTrainer(Trainer):
         """The learner on ``[b, L]`` sequences: the policy's response log-probs (and entropy) when ``policy``,
         and the critic's values of the state before each response token (positions P-1 .. L-2). A value head on
         the policy's backbone reads the policy forward's hidden states: one backbone pass for both."""
-        logp = ent = values = None
+        logp = ent = hidden = None
         if policy or self.value_head:
             out = policy_logprobs(self.policy, ids, attn, response_mask_full, temperature=self.config.temperature,
                                   return_entropy=entropy, return_hidden=self.value_head)
             out = out if isinstance(out, tuple) else (out,)
-            logp, ent = out[0][:, P:], (out[1][:, P:] if entropy else None)
-            if self.value_head:
-                values = self.critic.from_hidden(out[-1])[:, P - 1:-1]
-        if self.critic is not None and not self.value_head:
-            values = self.critic(ids, attn)[:, P - 1:-1]
-        return Outputs(logp if policy else None, ent, values)
+            logp, ent, hidden = out[0][:, P:], (out[1][:, P:] if entropy else None), out[-1]
+        return Outputs(logp if policy else None, ent, self._values(ids, attn, P, hidden))
+
+    def _values(self, ids, attn, P: int, hidden: torch.Tensor | None):
+        """The critic's values before each response token; a value head reads the policy's ``hidden``."""
+        if self.value_head:
+            return self.critic.from_hidden(hidden)[:, P - 1:-1]
+        return None if self.critic is None else self.critic(ids, attn)[:, P - 1:-1]
+
+    def uses_fused_objective(self) -> bool:
+        return self.fused_objective and fusable(self.config)
+
+    def fused_forward(self, piece: Experience, totals: tuple[int, int], entropy: bool) -> tuple[Outputs, torch.Tensor]:
+        """The micro-batch's forward through the fused objective: ``(outputs, L_policy - entropy_coef * H)``, the
+        outputs' log-probs/entropy detached (for the stats), the term differentiable (algos.fused_objective)."""
+        head, hidden = policy_head(self.policy, piece.input_ids, piece.attention_mask, piece.prompt_len)
+        term, logp, ent = fused_policy_terms(self.config, piece, head, totals, entropy)
+        return Outputs(logp, ent, self._values(piece.input_ids, piece.attention_mask, piece.prompt_len, hidden)), term
 
     @torch.no_grad()
     def score(self, batch: RolloutBatch, prompts: list[str], completions: list[str]) -> torch.Tensor:
@@ -264,12 +278,17 @@ class PPOTrainer(Trainer):
         outs = []
         for micro, pr in zip(micros, ptx_micros):
             piece = mb.rows(micro)
-            out = self.forward(piece.input_ids, piece.attention_mask, piece.response_mask_full, piece.prompt_len,
-                               entropy=cfg.entropy_coef > 0 or cfg.log_entropy)
+            entropy, term = cfg.entropy_coef > 0 or cfg.log_entropy, None
+            if self.uses_fused_objective():
+                out, term = self.fused_forward(piece, totals, entropy)
+            else:
+                out = self.forward(piece.input_ids, piece.attention_mask, piece.response_mask_full, piece.prompt_len,
+                                   entropy=entropy)
             if pr is not None:
                 out = out._replace(ptx_logp=policy_logprobs(self.policy, ptx["input_ids"][pr],
                                                             ptx["attention_mask"][pr], ptx_mask[pr]))
-            loss, _ = ppo_objective(cfg, piece, out, totals, None if pr is None else ptx_mask[pr], ptx_totals)
+            loss, _ = ppo_objective(cfg, piece, out, totals, None if pr is None else ptx_mask[pr], ptx_totals,
+                                    policy_term=term)
             self.check_finite(step, loss=loss)
             loss.backward()
             outs.append(out.detach())
