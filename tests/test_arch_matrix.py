@@ -25,9 +25,9 @@ needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vllm not importable")
 
 
 def tiny(arch: str, tie: bool, seed: int = 0):
-    # initializer_range 0.1: peaked logits, greedy argmax far from ties
+    # initializer_range 0.1: peaked logits, greedy argmax far from ties; eval: GPT-2 / OPT have dropout
     return build_tiny(tiny_config(arch, VOCAB, tie_word_embeddings=tie, max_position_embeddings=MAX_MODEL_LEN,
-                                  initializer_range=0.1), seed=seed)
+                                  initializer_range=0.1), seed=seed).eval()
 
 
 def perturb(params, seed: int) -> None:

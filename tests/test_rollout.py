@@ -35,7 +35,7 @@ def check_layout(b: RolloutBatch, prompts_in, n, max_new, stops):
     assert b.prompt_index.tolist() == [i for i in range(len(prompts_in)) for _ in range(n)]
     assert b.input_ids.shape == (B, P + R) and b.attention_mask.shape == (B, P + R)
     assert b.response_mask.dtype == torch.bool and b.rollout_logprobs.dtype == torch.float32
-    assert b.prompt_ids.dtype == torch.long and b.attention_mask.dtype == torch.long
+    assert b.prompt_ids.dtype == torch.long and b.attention_mask.dtype == torch.bool
     assert P == max(len(p) for p in prompts_in) and R <= max_new
     for row in range(B):
         p = prompts_in[b.prompt_index[row]]
@@ -243,6 +243,10 @@ def test_kv_cache_bytes_counts_whole_blocks(tmp_path):
                                                       "hidden_size": 64, "num_hidden_layers": 2}))
     assert kv_cache_bytes(str(tmp_path), "float32", 3, 130) == 3 * 256 * 128 * 4
     assert kv_cache_bytes(str(tmp_path), "bfloat16", 3, 128) == 3 * 128 * 128 * 2
+    # GPT-2's spelling (n_head / n_embd / n_layer, no KV-head key: multi-head) used to be a KeyError
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_head": 4, "n_embd": 64,
+                                                      "n_layer": 2}))
+    assert kv_cache_bytes(str(tmp_path), "float32", 1, 128) == 128 * 2 * 2 * 4 * 16 * 4
 
 
 def test_max_num_seqs_must_be_positive(tmp_path):

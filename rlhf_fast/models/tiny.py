@@ -28,7 +28,8 @@ _FAMILIES = {
     "qwen3": ("Qwen3Config", {}),
     "mistral": ("MistralConfig", {"sliding_window": None}),
     "phi3": ("Phi3Config", {}),
-    "gemma2": ("Gemma2Config", {}),
+    # eager: HF's sdpa path for Gemma-2 drops attn_logit_softcapping (vLLM applies it): 1e-4 nats apart
+    "gemma2": ("Gemma2Config", {"attn_implementation": "eager"}),
 }
 
 
