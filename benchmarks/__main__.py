@@ -4,6 +4,7 @@
     python -m benchmarks all    [--quick] [--device cpu|cuda] [--report] [--only a,b]
                                                      every bench -> benchmarks/results/<device>-<date>.json
     python -m benchmarks report                      RESULTS.md + charts from the results files, no rerun
+    python -m benchmarks kernels [--check] ...       static resource report of the GPU kernels (benchmarks/kernels.py)
 
 NAME is one of NAMES, or a dotted module path defining ``cases(quick, device)`` (e.g. a test's bench).
 """
@@ -64,6 +65,9 @@ def _report(a: argparse.Namespace) -> None:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["kernels"]:                   # compiles, times nothing: its own command line
+        from benchmarks.kernels import main as kernels_main
+        return kernels_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", type=lambda n: n if n in ("all", "report") else _bench_name(n),
