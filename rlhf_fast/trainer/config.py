@@ -143,7 +143,8 @@ def describe(cfg, prefix: str = "") -> list[tuple[str, str, str, str]]:
         if choices is not None:
             extra.append("one of " + ", ".join(map(str, choices)))
         text = f.metadata.get("help", "") + (f" ({'; '.join(extra)})" if extra else "")
-        rows.append((prefix + f.name, type_name(typ), "none" if value is None else str(value), text))
+        shown = "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+        rows.append((prefix + f.name, type_name(typ), shown, text))
     return rows
 
 
