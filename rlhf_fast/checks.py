@@ -4,7 +4,8 @@ their compatibility, context lengths. Each failure is an :class:`InputError`, on
 
     file        exists and is a regular file
     model dir   exists, is a directory, holds a config.json transformers can read (no remote code) and a
-                weights file (*.safetensors or pytorch_model*.bin)
+                weights file (*.safetensors or pytorch_model*.bin); each *.safetensors file's header parses
+                and covers the file (a truncated download fails here, before any weight is read)
     tokenizer   loads from the directory; has an eos token (completions end with it); its ids fit the
                 model's vocab_size
     reward      the reward model's embedding covers the policy tokenizer's ids; a tokenizer saved with it
@@ -56,9 +57,23 @@ def check_model_dir(arg: str, path: str | os.PathLike | None):
         raise InputError(f"{flag(arg)}: {path} has no weights ({' or '.join(WEIGHT_PATTERNS)})")
     from transformers import AutoConfig
     try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as err:
         raise InputError(f"{flag(arg)}: cannot read {path}/config.json: {_first_line(err)}") from None
+    for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        check_safetensors(arg, file)
+    return config
+
+
+def check_safetensors(arg: str, file: str) -> None:
+    """The header of ``file`` parses and its tensors cover the file exactly (a truncated or padded file fails);
+    no tensor data is read."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(file, "pt"):
+            pass
+    except (SafetensorError, OSError) as err:
+        raise InputError(f"{flag(arg)}: {file} is not a complete safetensors file ({_first_line(err)})") from None
 
 
 def load_tokenizer(arg: str, path: str, config):

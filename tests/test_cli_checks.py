@@ -3,6 +3,7 @@ exit code 2, one line on stderr naming the argument or file, no traceback, and n
 directory is never created). Every case runs ``rlhf_fast.cli.main``; one also runs as a real process. Also the
 over-long-example policy (``--overlong``) on real tokenizers."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -33,6 +34,9 @@ def assets(tmp_path_factory):
     RewardModel.from_causal_lm(tiny_policy(small, seed=1)).save_pretrained(root / "rm_small_vocab")
     short = build_tiny_llama(tiny_llama_config(len(tok), 64, 1, 128, max_position_embeddings=16))
     RewardModel.from_causal_lm(short).save_pretrained(root / "rm_short", tok)
+    shutil.copytree(root / "policy", root / "truncated")
+    with open(root / "truncated" / "model.safetensors", "r+b") as f:
+        f.truncate(os.path.getsize(root / "truncated" / "model.safetensors") // 2)
     (root / "bad_config").mkdir()
     (root / "bad_config" / "config.json").write_text("{not json")
     (root / "bad_config" / "model.safetensors").write_bytes(b"")
@@ -75,6 +79,8 @@ MISTAKES = [
      "--model: {a}/no_config has no config.json"),
     ("model_bad_config", lambda a: _ppo(a, "--model", str(a / "bad_config")),
      "--model: cannot read {a}/bad_config/config.json"),
+    ("model_truncated", lambda a: _ppo(a, "--model", str(a / "truncated")),
+     "--model: {a}/truncated/model.safetensors is not a complete safetensors file"),
     ("rm_required", lambda a: [x for x in _ppo(a) if x not in ("--reward-model", str(a / "rm"))],
      "--reward-model is required"),
     ("rm_other_tokenizer", lambda a: _ppo(a, "--reward-model", str(a / "rm_other_tok")),
