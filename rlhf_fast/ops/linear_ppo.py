@@ -21,8 +21,8 @@ forward: ``g_logp = w_n * d pg_n / d logp_n``, ``g_H = -entropy_coef * w_n``. On
 
 and the backward only multiplies the stored (dh, dW, db) by the upstream scalar: 6 N H V FLOPs for forward plus
 backward, where ``linear_logprobs`` + ``ppo_policy_loss`` need 8 (their backward recomputes the logits). Memory
-beyond inputs, outputs and gradients: one block of logits (64 MiB of fp32 on CPU by default; twice that with a
-soft cap), never [N, V]. Masked tokens (and tokens whose label is ``ignore_index``) are dropped before the
+beyond inputs, outputs and gradients: one block of logits (64 MiB by default, see ``default_block_rows``; twice
+that with a soft cap), never [N, V]. Masked tokens (and tokens whose label is ``ignore_index``) are dropped before the
 lm_head: no FLOPs, no gradient.
 
 Stats: those of ``ppo_policy_loss`` over the valid tokens (clipfrac, clipfrac_lower, approx_kl, ratio_mean/max/min,
@@ -43,7 +43,7 @@ from rlhf_fast._backend import resolve_backend
 from rlhf_fast._validation import check_choice, check_in_range, check_mask, check_positive, check_same_device, \
     check_same_shape, check_tensor
 from rlhf_fast.ops.agg import AGG_MODES, row_scale
-from rlhf_fast.ops.linear_logprob import _TILE_ELEMS, _check_args, _scratch, _tile_logits
+from rlhf_fast.ops.linear_logprob import _check_args, _scratch, _tile_logits
 from rlhf_fast.ops.logprob import logprob_entropy_backward, logprob_entropy_forward, logprob_entropy_torch
 from rlhf_fast.ops.policy_loss import _NO_DUAL_CLIP, _launch_forward, _stats_from_parts, policy_loss_torch
 
@@ -52,10 +52,15 @@ __all__ = ["linear_ppo_objective", "default_block_rows"]
 FUSED_AGG_MODES = tuple(a for a in AGG_MODES if a != "none")
 
 
+# One block of whole-vocabulary logits: 16M elements on CPU (64 MiB of fp32), 32M on GPU (64 MiB of bf16; cuBLAS
+# runs the block's matmuls at full speed from ~1000 rows): a few % of [N, V] at the sizes where it matters.
+_BLOCK_ELEMS = {"cpu": 2**24, "cuda": 2**25}
+
+
 def default_block_rows(n_rows: int, vocab: int, device: torch.device, softcap: bool = False) -> int:
-    """Rows of one block of whole-vocabulary logits: the logits tile budget of ``linear_logprobs`` (16M elements
-    on CPU, 256M on GPU; half with a soft cap, which keeps z beside dz) over V, at least 1, at most ``n_rows``."""
-    budget = _TILE_ELEMS.get(device.type, _TILE_ELEMS["cpu"]) // (2 if softcap else 1)
+    """Rows of one block of whole-vocabulary logits: the block budget (16M elements on CPU, 32M on GPU; half with
+    a soft cap, which keeps z beside dz) over V, at least 1, at most ``n_rows``."""
+    budget = _BLOCK_ELEMS.get(device.type, _BLOCK_ELEMS["cpu"]) // (2 if softcap else 1)
     return max(1, min(n_rows, budget // max(vocab, 1)))
 
 
