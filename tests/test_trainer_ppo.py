@@ -1,5 +1,7 @@
 """PPOTrainer on tiny models with HF-generate rollouts: every estimator raises a simple reward; resume is exact;
 NaN stops the run and keeps the last good checkpoint; online reward-model mode; one run with vLLM rollouts."""
+import copy
+import dataclasses
 import importlib.util
 import os
 
@@ -52,8 +54,6 @@ def test_single_on_policy_pass_equals_a_scoring_pass(tmp_path, grad_accum):
     """1 epoch, 1 minibatch, no reference: the update's own detached log-probs stand in for the scoring forward,
     also across micro-batches (no optimizer step comes between them). Same update as with old_logp computed;
     the experience is not written to; the update returns the mismatch of its own log-probs."""
-    import copy
-    import dataclasses
     kw = dict(estimator="grpo", kl_coef=0.0, ppo_epochs=1, minibatch_size=32, grad_accum=grad_accum, lr=1e-2)
     t = make_trainer(tmp_path, 1, **kw)
     batch = t.generate(t.prompt_ids[:8], 4, 123)
@@ -193,7 +193,6 @@ def test_mismatch_guard_stops_a_run_whose_engine_is_not_synced(tmp_path):
     tok = tokenizer()
     torch.manual_seed(0)
     policy = tiny_policy(tok)
-    import copy
     engine = _NoSyncHFEngine(copy.deepcopy(policy), tok, max_model_len=24)
     cfg = PPOConfig(out_dir=str(tmp_path), steps=6, batch_size=8, samples_per_prompt=4, max_new_tokens=4, lr=3e-2,
                     critic_lr=3e-3, minibatch_size=16, kl_coef=0.01, save_every=1, max_mismatch=0.05,

@@ -75,7 +75,7 @@ def gspo_policy_loss(logp, old_logp, advantages, mask, cfg, agg, rollout_logp=No
     def mean(x):
         return torch.where(mask, x.float(), 0.0).sum() / tokens
 
-    stats = {"clipfrac": mean(pg2 > pg1), "clipfrac_lower": torch.zeros(()), "approx_kl": mean((old - logp).detach()),
+    stats = {"clipfrac": mean(pg2 > pg1), "clipfrac_lower": logp.new_zeros(()), "approx_kl": mean((old - logp).detach()),
              "ratio_mean": mean(r),
              "ratio_max": torch.where(mask.any(), torch.where(mask, r, -math.inf).max(), 0.0),
              "ratio_min": torch.where(mask.any(), torch.where(mask, r, math.inf).min(), 0.0)}
