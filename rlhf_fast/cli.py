@@ -21,12 +21,15 @@ COMMANDS = {   # name: (one-line meaning, example)
     "rm": ("reward model from comparisons", "rlhf-fast rm --model DIR --comparisons c.jsonl --out-dir runs/rm"),
     "ppo": ("PPO / GRPO / RLOO / REINFORCE++ against a reward model",
             "rlhf-fast ppo --model DIR --reward-model DIR --prompts p.jsonl --out-dir runs/ppo"),
+    "ppo-dist": ("distributed PPO: FSDP2 learners and vLLM engines on Ray (--dry-run: the memory plan)",
+                 "rlhf-fast ppo-dist --model DIR --reward-model DIR --prompts p.jsonl --learners 2 --engines 2"),
     "dpo": ("DPO / IPO / SimPO / hinge from pairwise comparisons (optionally LoRA)",
             "rlhf-fast dpo --model DIR --comparisons c.jsonl --out-dir runs/dpo [--lora-rank 16]"),
     "demo": ("the end-to-end demo on a synthetic task (CPU, minutes)", "rlhf-fast demo --out runs"),
 }
 # command-line spellings of config keys, per subcommand
 ALIASES = {"rm": {"--comparisons": "--data"},
+           "ppo-dist": {"--async": "--async-mode=true", "--colocate": "--colocate=true", "--dry-run": "--dry-run=true"},
            "dpo": {"--comparisons": "--data", "--lora-rank": "--lora.rank", "--lora-alpha": "--lora.alpha",
                    "--lora-targets": "--lora.targets", "--lora-dropout": "--lora.dropout",
                    "--prompt-column": "--columns.prompt", "--chosen-column": "--columns.chosen",
@@ -39,6 +42,9 @@ def _config_class(command: str):
     if command == "demo":
         from rlhf_fast.trainer.demo import DemoConfig
         return DemoConfig
+    if command == "ppo-dist":
+        from rlhf_fast.distributed.config import DistributedPPOConfig
+        return DistributedPPOConfig
     return {"sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig, "dpo": DPOConfig}[command]
 
 
@@ -118,6 +124,13 @@ def _split(argv: list[str]) -> tuple[SimpleNamespace, list[str]]:
     return args, rest
 
 
+def _resume_point(cfg, resume: bool) -> str | bool:
+    """``--resume``: the newest complete checkpoint of the run, verified before any model is built (its
+    fallback said on stderr; :class:`CheckpointError` when none is complete); False to start fresh."""
+    from rlhf_fast.trainer.checkpoint import newest_complete_checkpoint
+    return (newest_complete_checkpoint(cfg.out_dir) or False) if resume else False
+
+
 def _load_model(path: str):
     import torch
     from transformers import AutoModelForCausalLM
@@ -129,6 +142,7 @@ def cmd_sft(cfg, resume: bool) -> None:
     from rlhf_fast.preflight import preflight_sft
     from rlhf_fast.trainer.sft import SFTTrainer
     inputs = preflight_sft(cfg)
+    resume = _resume_point(cfg, resume)
     model = _load_model(cfg.model)
     SFTTrainer(cfg, model, inputs.tokenizer, inputs.records).train(resume=resume)
     save_model(model, inputs.tokenizer, os.path.join(cfg.out_dir, "model"))
@@ -140,6 +154,7 @@ def cmd_rm(cfg, resume: bool) -> None:
     from rlhf_fast.preflight import preflight_rm
     from rlhf_fast.trainer.reward import RewardTrainer
     inputs = preflight_rm(cfg)
+    resume = _resume_point(cfg, resume)
     model = RewardModel.from_pretrained(cfg.model)
     trainer = RewardTrainer(cfg, model, inputs.tokenizer, inputs.records, inputs.eval_records)
     trainer.train(resume=resume)
@@ -156,6 +171,7 @@ def cmd_ppo(cfg, resume: bool) -> None:
     from rlhf_fast.trainer.ppo import PPOTrainer
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     inputs = preflight_ppo(cfg)
+    resume = _resume_point(cfg, resume)
     policy, tokenizer = _load_model(cfg.model), inputs.tokenizer
     reward_model = RewardModel.from_pretrained(cfg.reward_model)
     engine = build_engine(cfg.engine, policy, tokenizer, cfg.model, inputs.max_len, seed=cfg.seed,
@@ -180,6 +196,11 @@ def cmd_dpo(cfg, resume: bool) -> None:
     print(f"DPO model saved to {os.path.join(cfg.out_dir, 'model')}")
 
 
+def cmd_ppo_dist(cfg, resume: bool) -> None:
+    from rlhf_fast.distributed.cli import cmd_ppo_dist as run
+    run(cfg, resume)
+
+
 def cmd_demo(cfg, resume: bool) -> None:
     from rlhf_fast.trainer.demo import format_summary, run_demo
     summary = run_demo(cfg, resume=resume)
@@ -196,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             print(command_help(args.command) if args.command else top_help())
             return 0
         cfg = load_config(_config_class(args.command), args.config, overrides)
-        {"sft": cmd_sft, "rm": cmd_rm, "ppo": cmd_ppo, "dpo": cmd_dpo, "demo": cmd_demo}[args.command](cfg, args.resume)
+        {"sft": cmd_sft, "rm": cmd_rm, "ppo": cmd_ppo, "dpo": cmd_dpo, "demo": cmd_demo,
+         "ppo-dist": cmd_ppo_dist}[args.command](cfg, args.resume)
     except _raised(BAD_INPUT) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -5,12 +5,11 @@ already saved is deleted."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from _trainer_common import one_thread, params_equal, tiny_policy, tokenizer  # noqa: F401  (autouse fixture)
+from rlhf_fast.cli import main as cli_main
 from rlhf_fast.data import SortTask, write_jsonl
 from rlhf_fast.models import save_model
 from rlhf_fast.trainer.checkpoint import (MANIFEST, CheckpointError, list_checkpoints, newest_complete_checkpoint,
@@ -97,22 +96,24 @@ def test_no_complete_checkpoint_is_an_error_naming_each(finished, tmp_path):
     assert len(list_checkpoints(out)) == 3                 # left on disk
 
 
-@pytest.mark.slow
-def test_cli_resume_after_truncated_weights(finished, tmp_path):
-    """The issue's case through ``rlhf-fast sft --resume``: a truncated newest policy.safetensors."""
+def test_cli_resume_after_truncated_weights(finished, tmp_path, capfd):
+    """The issue's case through ``rlhf-fast sft --resume`` (``rlhf_fast.cli.main``; test_trainer_kill.py runs
+    --resume in a real process): a truncated newest policy.safetensors."""
     tok = tokenizer()
     save_model(tiny_policy(tok), tok, tmp_path / "policy")
     write_jsonl(tmp_path / "sft.jsonl", SortTask().sft_examples(64, seed=0))
     out = tmp_path / "run"
     shutil.copytree(finished[0], out)
     _truncate(out / "checkpoints" / "step_000004")
-    path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, "-m", "rlhf_fast", "sft", "--model", str(tmp_path / "policy"), "--data",
-           str(tmp_path / "sft.jsonl"), "--out-dir", str(out), "--lr", "3e-3", "--batch-size", "16", "--max-steps",
-           str(STEPS), "--save-every", "1", "--keep-last", "3", "--progress", "false", "--resume"]
-    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}, capture_output=True,
-                         text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "resuming from" in res.stderr and "skipped step_000004: policy.safetensors is" in res.stderr
-    assert verify_checkpoint(out / "checkpoints" / "step_000004") is None
+    argv = ["sft", "--model", str(tmp_path / "policy"), "--data", str(tmp_path / "sft.jsonl"), "--out-dir", str(out),
+            "--lr", "3e-3", "--batch-size", "16", "--max-steps", str(STEPS), "--save-every", "1", "--keep-last", "3",
+            "--progress", "false", "--resume"]
+    assert cli_main(argv) == 0
+    err = capfd.readouterr().err
+    assert "resuming from" in err and "skipped step_000004: policy.safetensors is" in err
     assert newest_complete_checkpoint(out).endswith("step_000004")
+    for _, path in list_checkpoints(out):
+        os.remove(os.path.join(path, MANIFEST))
+    assert cli_main(argv) == 2                              # nothing complete left: one line, exit 2
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --resume: no complete checkpoint in ")

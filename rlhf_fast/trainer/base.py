@@ -89,22 +89,23 @@ class Trainer:
         return save_checkpoint(self.out_dir, step, self.checkpoint_models(), self.state_dict(),
                                keep_last=self.config.keep_last)
 
-    def resume(self) -> int:
-        """Load the newest complete checkpoint if any (newer incomplete ones are skipped, said on stderr);
-        returns the step to continue from."""
-        path = newest_complete_checkpoint(self.out_dir)
+    def resume(self, path: str | None = None) -> int:
+        """Load the checkpoint ``path`` (already verified), or else the newest complete one if any (newer
+        incomplete ones are skipped, said on stderr); returns the step to continue from."""
+        path = path or newest_complete_checkpoint(self.out_dir)
         if path is None:
             return 0
-        state = load_checkpoint(path, self.checkpoint_models(), verify=False)   # just verified
+        state = load_checkpoint(path, self.checkpoint_models(), verify=False)   # verified by now
         self.load_state_dict(state)
         self.step = int(state["step"])
         self.on_resume()
         return self.step
 
-    def train(self, resume: bool = False) -> list[dict]:
-        """Run to ``total_steps``; returns this run's metric records (all of them, including resumed ones)."""
+    def train(self, resume: bool | str = False) -> list[dict]:
+        """Run to ``total_steps``; returns this run's metric records (all of them, including resumed ones).
+        ``resume``: True continues from the newest complete checkpoint; a path, from that verified checkpoint."""
         os.makedirs(self.out_dir, exist_ok=True)
-        start = self.resume() if resume else 0
+        start = self.resume(resume if isinstance(resume, str) else None) if resume else 0
         self.metrics = MetricsLogger(os.path.join(self.out_dir, "metrics.jsonl"),
                                      resume_step=start if resume else None)
         total = self.total_steps
