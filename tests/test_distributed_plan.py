@@ -25,7 +25,7 @@ def test_examples_fit_their_gpus(name, params_b, peak_gib):
     text = dry_run(cfg)
     assert f"policy parameters: {params_b:.2f} B" in text
     assert f"peak per device (colocated): {peak_gib} GiB" in text
-    with pytest.raises(ValueError, match="more than device_memory_gib"):
+    with pytest.raises(ConfigError, match="device_memory_gib.* is less than the plan's"):
         dry_run(_cfg(name, device_memory_gib=40))
 
 
@@ -48,6 +48,14 @@ def test_sharded_arithmetic():
     assert "critic params + grads + AdamW" not in p8.learner and "reference params" not in p8.learner
     assert p8.params / 1e9 == pytest.approx(6.74, abs=0.01)
     assert p8.engine["weights"] == p8.params * 2
+
+
+def test_cli_dry_run(capsys):
+    from rlhf_fast.cli import main
+    assert main(["ppo-dist", "--config", os.path.join(EXAMPLES, "ppo_70b_4nodes.yaml"), "--dry-run"]) == 0
+    assert "32 learner ranks (FSDP2), 4 engines (tp 8)" in capsys.readouterr().out
+    assert main(["ppo-dist", "--config", os.path.join(EXAMPLES, "ppo_7b_1node.yaml"), "--dry-run",
+                 "--device-memory-gib", "40"]) == 2
 
 
 def test_minibatch_must_feed_every_rank():

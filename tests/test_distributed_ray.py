@@ -47,16 +47,23 @@ def _cfg(out_dir, **kw):
 PROMPTS = SortTask().prompts(16, seed=0)
 
 
-def _greedy_matches_hf(run, state):
-    """Every engine's greedy output == HF greedy on the gathered weights, token for token."""
+def _hf_greedy(run, state, ids):
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(run.model_dir, dtype=torch.float32)
     hf.load_state_dict(state)
-    ids = run.prompt_ids[:6]
-    want = HFEngine(hf, run.tokenizer).generate(ids, temperature=0.0, max_new_tokens=6)
+    out = HFEngine(hf, run.tokenizer).generate(ids, temperature=0.0, max_new_tokens=run.cfg.max_new_tokens)
+    return out.response_ids[out.response_mask]
+
+
+def _greedy_matches_hf(run, state, stale):
+    """Every engine's greedy output == HF greedy on the gathered weights, token for token (and != the stale
+    weights' greedy output, so the check can tell a missed sync)."""
+    ids = run.prompt_ids[:8]
+    want = _hf_greedy(run, state, ids)
+    assert not torch.equal(want, _hf_greedy(run, stale, ids))
     for e in run.engines:
-        got = ray.get(e.generate.remote(ids, temperature=0.0, max_new_tokens=6))
-        assert torch.equal(got.response_ids[got.response_mask], want.response_ids[want.response_mask])
+        got = ray.get(e.generate.remote(ids, temperature=0.0, max_new_tokens=run.cfg.max_new_tokens))
+        assert torch.equal(got.response_ids[got.response_mask], want)
 
 
 def test_bad_input_fails_before_any_actor(cluster, model_dir, tmp_path):
@@ -81,12 +88,12 @@ def test_two_vllm_engines_follow_the_learner_and_survive_a_kill(cluster, model_d
         state = run.policy_state_dict()
         assert any(not torch.equal(before[k], state[k]) for k in state)
         assert rec["weight_version"] == 1 and ray.get([e.weight_version.remote() for e in run.engines]) == [1, 1]
-        _greedy_matches_hf(run, state)
+        _greedy_matches_hf(run, state, before)
         os.kill(ray.get(run.engines[0].pid.remote()), signal.SIGKILL)       # a real engine death
         rec = run.train_step(1)
         assert rec["engine_restarts"] == 1 and rec["weight_version"] == 2
         assert ray.get([e.weight_version.remote() for e in run.engines]) == [2, 2]
-        _greedy_matches_hf(run, run.policy_state_dict())
+        _greedy_matches_hf(run, run.policy_state_dict(), before)
     finally:
         run.close()
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 
 from rlhf_fast.distributed.config import DistributedPPOConfig
+from rlhf_fast.trainer.config import ConfigError
 
 GiB = 2**30
 
 
 def dry_run(cfg: DistributedPPOConfig) -> str:
-    """The memory plan of ``cfg``, built on the meta device; ValueError when it exceeds ``device_memory_gib``."""
+    """The memory plan of ``cfg``, built on the meta device; ConfigError when it exceeds ``device_memory_gib``."""
     from rlhf_fast.distributed.plan import memory_plan
     plan = memory_plan(cfg.model, learners=cfg.learners, engines=cfg.engines, colocate=cfg.colocate,
                        estimator=cfg.estimator, use_ref=cfg.kl_coef > 0 or cfg.kl_target is not None,
@@ -22,8 +23,8 @@ def dry_run(cfg: DistributedPPOConfig) -> str:
             f"{'colocated' if cfg.colocate else 'disaggregated'}, {cfg.param_dtype}, estimator {cfg.estimator}")
     text = head + "\n" + plan.table()
     if cfg.device_memory_gib is not None and plan.peak_device > cfg.device_memory_gib * GiB:
-        raise ValueError(f"{text}\nthe plan needs {plan.peak_device / GiB:.2f} GiB per device, more than "
-                         f"device_memory_gib = {cfg.device_memory_gib:g}")
+        raise ConfigError(f"= {cfg.device_memory_gib:g} GiB is less than the plan's {plan.peak_device / GiB:.2f} "
+                          f"GiB per device:\n{text}", "device_memory_gib")
     return text
 
 
