@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
-USAGE = "usage: rlhf-fast {sft,rm,ppo,dpo,demo} [--config YAML] [--resume] [--KEY VALUE ...]"
+DESCRIPTION = "RLHF trainers over rlhf_fast's fused ops; bad input stops a run before any model is built (exit 2)."
 COMMANDS = {   # name: (one-line meaning, example)
     "sft": ("supervised fine-tuning of a causal LM", "rlhf-fast sft --model DIR --data sft.jsonl --out-dir runs/sft"),
     "rm": ("reward model from comparisons", "rlhf-fast rm --model DIR --comparisons c.jsonl --out-dir runs/rm"),
@@ -48,10 +48,14 @@ def _config_class(command: str):
     return {"sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig, "dpo": DPOConfig}[command]
 
 
+USAGE = f"usage: rlhf-fast {{{','.join(COMMANDS)}}} [--config YAML] [--resume] [--KEY VALUE ...]"
+
+
 def top_help() -> str:
-    rows = "\n".join(f"  {name:<6} {meaning}\n         {example}" for name, (meaning, example) in COMMANDS.items())
-    return (f"{USAGE}\n\n{__doc__.splitlines()[0]}\n\ncommands:\n{rows}\n\n"
-            "'rlhf-fast CMD --help' lists CMD's config keys.")
+    width = max(map(len, COMMANDS))
+    rows = "\n".join(f"  {name:<{width}}  {meaning}\n  {'':<{width}}  {example}"
+                     for name, (meaning, example) in COMMANDS.items())
+    return f"{USAGE}\n\n{DESCRIPTION}\n\ncommands:\n{rows}\n\n'rlhf-fast CMD --help' lists CMD's config keys."
 
 
 def command_help(command: str) -> str:
