@@ -20,7 +20,7 @@ from benchmarks import limits, report
 from benchmarks.harness import bench_module, run_cases
 from benchmarks.suite import machine_meta, run_all
 
-NAMES = ["gae", "kl", "losses", "logprob", "linear_logprob", "linear_ppo", "rollout", "weight_sync", "ppo_step", "integrations", "dpo"]
+NAMES = ["gae", "kl", "losses", "logprob", "linear_logprob", "linear_ppo", "rollout", "weight_sync", "ppo_step", "integrations", "dpo", "distributed"]
 HERE = pathlib.Path(__file__).resolve().parent
 
 
