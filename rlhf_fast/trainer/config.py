@@ -382,6 +382,9 @@ class PPOConfig(RunConfig):
                                ge=0)
     online_comparisons: int = key(64, "online mode: new comparisons per round", ge=1)
     online_rm_steps: int = key(20, "online mode: reward-model steps per round", ge=1)
+    dynamic_sampling: bool = key(False, "DAPO dynamic sampling (grpo / rloo): drop groups of equal rewards, "
+                                 "sample more prompts to refill the batch")
+    max_sampling_rounds: int = key(3, "dynamic sampling: most extra generation rounds per iteration", ge=1)
 
     def check(self) -> None:
         from rlhf_fast.algos.advantages import ADVANTAGE_ESTIMATORS
@@ -397,3 +400,7 @@ class PPOConfig(RunConfig):
                               "grad_accum")
         if self.ptx_coef > 0 and not self.ptx_data:
             raise ConfigError(f"is needed when ptx_coef > 0 (got ptx_coef {self.ptx_coef})", "ptx_data")
+        if self.dynamic_sampling and group < 2:
+            grouped = ", ".join(n for n, e in ADVANTAGE_ESTIMATORS.items() if e.min_group_size >= 2)
+            raise ConfigError(f"needs a group estimator ({grouped}), got estimator {self.estimator!r}",
+                              "dynamic_sampling")
