@@ -10,7 +10,8 @@ are capped at ``GAE_MAX_ELEMS`` (2048): at 4096 the 256 x 16 tile still sits at 
 Elementwise kernels (kl forward/backward): ``ELEMENTWISE_BLOCK`` elements per program, ``ELEMENTWISE_WARPS``.
 
 Log-prob from logits: ``R`` rows x ``BLOCK_V`` columns, at most 4096 per program (2^14 under the interpreter,
-which prefers few wide programs), 8 warps from BLOCK_V = 2048 up.
+which prefers few wide programs), 8 warps from 2048 elements per tile up. (8 warps from BLOCK_V = 2048 only
+left a tiny vocabulary's 256 x 16 tile on 4 warps: the bf16 backward spilled 8 bytes on sm_90 with triton 3.6.)
 
 Fused lm_head (``linear_logprob_tile``), per operand dtype and architecture, chosen from the static report
 (registers / spills / tensor-core instructions of every candidate on sm_80 and sm_90, triton 3.9 and 3.6):
@@ -62,7 +63,7 @@ def logprob_tiling(N: int, V: int, interpreting: bool) -> tuple[int, int, int]:
     tile = 2**14 if interpreting else 4096
     block_v = min(triton.next_power_of_2(V), tile)
     rows = max(1, min(triton.next_power_of_2(max(N, 1)), tile // block_v))
-    return rows, block_v, 8 if block_v >= 2048 else 4
+    return rows, block_v, 8 if rows * block_v >= 2048 else 4
 
 
 def logprob_tiling_extremes() -> list[tuple[int, int, int]]:

@@ -21,7 +21,7 @@ def _run_report(tmp_path, archs, extra_env=None):
     env = {**os.environ, **(extra_env or {})}
     env.pop("TRITON_INTERPRET", None)
     p = subprocess.run([sys.executable, "-m", "benchmarks", "kernels", "--check", "--arch", archs, "--json", str(out)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return json.loads(out.read_text())
 
