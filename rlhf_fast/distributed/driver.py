@@ -102,14 +102,18 @@ class DistributedPPO:
         self.loopback = ray_address in (None, "", "local")
         self.learners, self.engines, self.pg = placement.start_actors(learners, engines, self.engine_args, colocate,
                                                                       cpus, gpus, self.loopback)
-        host, port, self.channel_port = ray.get(self.learners[0].address.remote(self.loopback))
-        self.host = host
-        ray.get([a.setup.remote(r, learners, host, port, model_dir, cfg, critic_state)
-                 for r, a in enumerate(self.learners)])
-        self._join_channel()
         self.version = 0
         self.engine_restarts = 0
         self._pending = None
+        try:
+            host, port, self.channel_port = ray.get(self.learners[0].address.remote(self.loopback))
+            self.host = host
+            ray.get([a.setup.remote(r, learners, host, port, model_dir, cfg, critic_state)
+                     for r, a in enumerate(self.learners)])
+            self._join_channel()
+        except BaseException:
+            self.close()      # no actor outlives a failed start
+            raise
 
     # -- roles ----------------------------------------------------------------------------------------
     def _all(self, method: str, *args):
