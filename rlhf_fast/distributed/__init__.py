@@ -1,10 +1,13 @@
 """Beyond one process: FSDP2 learner ranks, rollout engines in Ray actors, broadcast weight sync.
 
     channel     WeightChannel: learner rank 0 -> engines over a dedicated gloo/NCCL group, versioned
-    objective   the PPO minibatch loss split over data-parallel ranks, normalised by global totals
-    experience  data-parallel scoring, all-gathered, advantages on the whole batch
-    learner     one FSDP2 rank: score, update, gather + broadcast the weights
+    dp          row shards, all-gathers and the all-reduced minibatch totals of data parallelism
+    learner     one FSDP2 rank: score, update (algos.ppo_objective), gather + broadcast, DCP checkpoints
     engine      one rollout engine (vLLM / HF) that receives the broadcast
+    placement   Ray: connect, resource checks, learner / engine actors (colocated or not)
+    driver      DistributedPPO: the iteration loop, async mode, engine replacement, checkpoints
+    plan        the per-rank memory plan on the meta device (--dry-run, and the pre-start fit check)
+    config, cli DistributedPPOConfig and ``rlhf-fast ppo-dist``
 
-Ray-specific pieces (placement, driver) import ``ray`` lazily, so the torch.distributed parts work without it.
+``ray`` is imported only by placement and driver, so the torch.distributed parts work without it.
 """
