@@ -9,9 +9,9 @@ samples, ``prompt_index`` ``g`` on rows ``g*n .. g*n + n - 1``). With a group's 
 ``fill_groups`` keeps the non-degenerate groups of round 0 (the step's usual prompts) and, while fewer than
 ``batch_size`` are kept, runs extra rounds on prompts not yet drawn this step (at most ``max_rounds``)::
 
-    round r >= 1:  k_r = min(batch_size, ceil(need / keep_rate), unused prompts)
-                   need = batch_size - kept,  keep_rate = kept groups / generated groups so far (0: k_r = batch_size)
-                   prompts = the first k_r of a permutation of the unused ones, seeded by (seed, r)
+    round r >= 1:  prompts = the first min(batch_size, unused) of a permutation of the prompts not drawn yet
+                   this step, seeded by (seed, r): a full round, as verl's, since one round of many prompts
+                   costs an engine less than several small ones
 
 The kept groups are concatenated in round order and the first ``batch_size`` taken (extra ones are cut).
 Fill policy: when the cap is hit or the prompts run out first, the batch has fewer groups (it is trained as it
@@ -24,7 +24,6 @@ is); when no group is kept at all, there is no batch (the caller skips the updat
 """
 from __future__ import annotations
 
-import math
 from dataclasses import fields, replace
 from typing import Callable
 
@@ -127,14 +126,11 @@ def fill_groups(rollout: Rollout, first: list[int], n_prompts: int, *, batch_siz
         kept_scores.append(scores[group_rows(keep, group_size)])
         kept_prompts += [idx[g] for g in keep.tolist()]
         all_scores.append(scores)
-        need = batch_size - len(kept_prompts)
-        if need == 0 or rounds == max_rounds or not unused:
+        if len(kept_prompts) == batch_size or rounds == max_rounds or not unused:
             break
         rounds += 1
-        keep_rate = varied / generated
-        k = min(batch_size, math.ceil(need / keep_rate) if keep_rate else batch_size, len(unused))
         g = torch.Generator().manual_seed(seed + rounds)
-        idx = [unused[i] for i in torch.randperm(len(unused), generator=g)[:k].tolist()]
+        idx = [unused[i] for i in torch.randperm(len(unused), generator=g)[:batch_size].tolist()]
         unused = sorted(set(unused) - set(idx))
     stats = {"dynamic_sampling_dropped_frac": 1.0 - varied / generated,
              "dynamic_sampling_rounds": rounds, "dynamic_sampling_groups": len(kept_prompts),

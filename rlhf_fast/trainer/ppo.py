@@ -4,6 +4,7 @@ One iteration; the algorithm lives in :mod:`rlhf_fast.algos`, the math in :mod:`
 
     rollout     y ~ pi_tau(. | x) from the engine (vLLM or HF generate), seeds derived from (seed, step)
     scoring     old_logp = log pi(y|x), ref_logp = log rho(y|x), V = critic, s = r(x, y) (reward model or callable)
+    (DAPO)      with dynamic_sampling: groups of equal scores dropped, more prompts sampled to refill the batch
     experience  algos.make_experience: rewards = s * [t = last] - beta * KL_t;  A, R = ADVANTAGE_ESTIMATORS[estimator]
     guard       mean |log pi_engine - log pi_learner| > max_mismatch stops the run (stale sync, wrong temperature...)
     update      ppo_epochs x minibatches x grad_accum micro-batches of algos.ppo_objective (policy + value +
@@ -28,6 +29,7 @@ import torch
 
 from rlhf_fast.algos import AdvantageParams, Experience, Outputs, make_experience, ppo_objective
 from rlhf_fast.algos.advantages import get_estimator
+from rlhf_fast.algos.dynamic_sampling import fill_groups
 from rlhf_fast.algos.fused_objective import fusable, fused_policy_terms, policy_head
 from rlhf_fast.data.collators import collate_prompts, collate_sft
 from rlhf_fast.models.policy_logprobs import policy_logprobs
@@ -349,25 +351,60 @@ class PPOTrainer(Trainer):
         return {"rm_loss": s["loss"], "rm_accuracy": s["accuracy"], "rm_comparisons": len(self.comparisons)}
 
     # -- the iteration ----------------------------------------------------------------------------
-    def train_step(self, step: int) -> dict:
-        cfg = self.config
-        timings = {}
+    def rollout(self, step: int, idx: list[int], seed: int, timings: dict):
+        """``samples_per_prompt`` completions of prompts ``idx``, scored: ``(batch, prompts, completions, scores)``
+        (``time_generate`` / ``time_score`` accumulate in ``timings``)."""
         t0 = time.perf_counter()
-        idx = batch_indices(len(self.prompts), cfg.batch_size, cfg.seed, step)
-        batch = self.generate([self.prompt_ids[i] for i in idx], cfg.samples_per_prompt, step_seed(cfg.seed, step))
+        batch = self.generate([self.prompt_ids[i] for i in idx], self.config.samples_per_prompt, seed)
         prompts = [self.prompts[idx[i]] for i in batch.prompt_index.tolist()]
         completions = decode_responses(self.tokenizer, batch)
-        timings["time_generate"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
+        t1 = time.perf_counter()
         scores = self.score(batch, prompts, completions)
         self.check_finite(step, score=scores.sum())
-        exp, stats = self.make_experience(batch, scores)
+        timings["time_generate"] = timings.get("time_generate", 0.0) + t1 - t0
+        timings["time_score"] = timings.get("time_score", 0.0) + time.perf_counter() - t1
+        return batch, prompts, completions, scores
+
+    def dynamic_rollout(self, step: int, timings: dict):
+        """DAPO dynamic sampling (:func:`rlhf_fast.algos.dynamic_sampling.fill_groups`): round 0 is the usual
+        rollout, round r >= 1 samples with the seed of ``(seed, step, r)``. Returns ``(batch, prompts,
+        completions, scores, stats)``; ``batch`` is None when no group had differing rewards."""
+        cfg = self.config
+
+        def one_round(idx: list[int], r: int):
+            seed = step_seed(cfg.seed, step, salt=1000 + r) if r else step_seed(cfg.seed, step)
+            batch, _, _, scores = self.rollout(step, idx, seed, timings)
+            return batch, scores
+
+        batch, scores, kept, stats = fill_groups(
+            one_round, batch_indices(len(self.prompts), cfg.batch_size, cfg.seed, step), len(self.prompts),
+            batch_size=cfg.batch_size, group_size=cfg.samples_per_prompt, max_rounds=cfg.max_sampling_rounds,
+            pad_id=self.engine.pad_token_id, seed=step_seed(cfg.seed, step, salt=2000))
+        stats["dynamic_sampling_skipped"] = float(batch is None)
+        if batch is None:
+            return None, [], [], None, stats
+        prompts = [self.prompts[kept[i]] for i in batch.prompt_index.tolist()]
+        return batch, prompts, decode_responses(self.tokenizer, batch), scores, stats
+
+    def train_step(self, step: int) -> dict:
+        cfg = self.config
+        timings, stats = {}, {}
+        if cfg.dynamic_sampling:
+            batch, prompts, completions, scores, stats = self.dynamic_rollout(step, timings)
+            if batch is None:   # nothing to learn from: no update, no sync (the weights did not change)
+                return {**stats, "tokens": 0, **timings}
+        else:
+            idx = batch_indices(len(self.prompts), cfg.batch_size, cfg.seed, step)
+            batch, prompts, completions, scores = self.rollout(step, idx, step_seed(cfg.seed, step), timings)
+
+        t0 = time.perf_counter()
+        exp, exp_stats = self.make_experience(batch, scores)
+        stats.update(exp_stats)
         self.check_mismatch(step, stats)
         if self.true_score_fn is not None:
             stats["true_score"] = float(torch.tensor(list(self.true_score_fn(prompts, completions)),
                                                      dtype=torch.float64).mean())
-        timings["time_score"] = time.perf_counter() - t0
+        timings["time_score"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
         stats.update(self.update(exp, step))
