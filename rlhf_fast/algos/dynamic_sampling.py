@@ -3,15 +3,14 @@
 A rollout batch's ``B = G * n`` rows are ``G`` groups of ``n = group_size`` consecutive rows (one prompt's
 samples, ``prompt_index`` ``g`` on rows ``g*n .. g*n + n - 1``). With a group's scores ``s_g [n]``::
 
-    degenerate(g)  <=>  max(s_g) - min(s_g) <= eps       (eps = 0: all equal, so A_i = 0 under grpo and rloo:
-                                                           the group gives no policy gradient, only KL/entropy)
+    degenerate(g)  <=>  max(s_g) - min(s_g) <= eps       (eps = 0: all equal; the group's grpo / rloo
+                                                           advantages are 0 but for the KL penalty's share)
 
 ``fill_groups`` keeps the non-degenerate groups of round 0 (the step's usual prompts) and, while fewer than
 ``batch_size`` are kept, runs extra rounds on prompts not yet drawn this step (at most ``max_rounds``)::
 
     round r >= 1:  prompts = the first min(batch_size, unused) of a permutation of the prompts not drawn yet
-                   this step, seeded by (seed, r): a full round, as verl's, since one round of many prompts
-                   costs an engine less than several small ones
+                   this step, seeded by (seed, r): a full round each time, as verl's (fewer, larger rounds)
 
 The kept groups are concatenated in round order and the first ``batch_size`` taken (extra ones are cut).
 Fill policy: when the cap is hit or the prompts run out first, the batch has fewer groups (it is trained as it

@@ -391,7 +391,7 @@ class PPOTrainer(Trainer):
         timings, stats = {}, {}
         if cfg.dynamic_sampling:
             batch, prompts, completions, scores, stats = self.dynamic_rollout(step, timings)
-            if batch is None:   # nothing to learn from: no update, no sync (the weights did not change)
+            if batch is None:   # nothing to learn from: no update, no sync (same weights), no online-RM round
                 return {**stats, "tokens": 0, **timings}
         else:
             idx = batch_indices(len(self.prompts), cfg.batch_size, cfg.seed, step)
