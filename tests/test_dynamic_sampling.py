@@ -6,7 +6,7 @@ import zlib
 import pytest
 import torch
 
-from _trainer_common import one_thread, params_equal, tiny_policy, tokenizer  # noqa: F401
+from _trainer_common import one_thread, params_equal, strip_timings, tiny_policy, tokenizer  # noqa: F401
 from rlhf_fast.algos.dynamic_sampling import concat_batches, select_groups, zero_variance_groups
 from rlhf_fast.data import SortTask
 from rlhf_fast.rollout import HFEngine
@@ -165,3 +165,14 @@ def test_all_equal_rewards_skip_the_update_after_the_cap(tmp_path):
         assert rec["dynamic_sampling_rounds"] == 2 and rec["dynamic_sampling_dropped_frac"] == 1.0
         assert rec["dynamic_sampling_skipped"] == 1.0 and rec["dynamic_sampling_groups"] == 0 and rec["tokens"] == 0
     assert params_equal(t.policy, before) and t.engine.weight_version == 0
+
+
+def test_extra_rounds_are_deterministic_across_resume(tmp_path):
+    """The extra rounds' prompts and seeds come from (seed, step, round): 2 steps straight == 1 step + resume."""
+    straight = make_trainer(tmp_path / "a", by_prompt(2), steps=2)
+    full = straight.train()
+    make_trainer(tmp_path / "b", by_prompt(2), steps=1).train()
+    resumed = make_trainer(tmp_path / "b", by_prompt(2), steps=2)
+    recs = resumed.train(resume=True)
+    assert full[1]["dynamic_sampling_rounds"] >= 1
+    assert strip_timings(recs) == strip_timings(full) and params_equal(resumed.policy, straight.policy)
