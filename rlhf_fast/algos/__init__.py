@@ -5,6 +5,7 @@
   ``register_policy_loss``
 - :mod:`~rlhf_fast.algos.experience`: ``Experience`` (frozen) and the pure ``make_experience``
 - :mod:`~rlhf_fast.algos.objective`: ``ppo_objective``, one micro-batch's loss normalised by its minibatch's totals
+- :mod:`~rlhf_fast.algos.dynamic_sampling`: DAPO's dynamic sampling (drop groups of equal rewards, refill the batch)
 """
 from rlhf_fast.algos.advantages import ADVANTAGE_ESTIMATORS, AdvantageParams, register_advantage
 from rlhf_fast.algos.experience import Experience, make_experience
