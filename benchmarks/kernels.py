@@ -291,16 +291,30 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _section_span(text: str) -> tuple[int, int] | None:
+    """[start, end) of this report's section in a RESULTS.md text (up to the next ``## `` heading), or None."""
+    start = text.find(SECTION)
+    if start < 0:
+        return None
+    nxt = text.find("\n## ", start + len(SECTION))
+    return start, (nxt + 1 if nxt >= 0 else len(text))
+
+
+def results_section(text: str) -> str | None:
+    """This report's section of a RESULTS.md text, heading included (what ``write_results_section`` wrote)."""
+    span = _section_span(text)
+    return text[span[0]:span[1]] if span else None
+
+
 def write_results_section(md_path: pathlib.Path, table: str) -> None:
     """Replace (or append) this report's own section of RESULTS.md; the rest of the file is untouched."""
     text = md_path.read_text() if md_path.exists() else ""
     block = f"{SECTION}\n\n{table}"
-    start = text.find(SECTION)
-    if start < 0:
+    span = _section_span(text)
+    if span is None:
         text = text.rstrip("\n") + "\n\n" + block
     else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + block + (text[nxt + 1:] if nxt >= 0 else "")
+        text = text[:span[0]] + block + text[span[1]:]
     md_path.write_text(text)
 
 

@@ -18,6 +18,7 @@ import os
 import pathlib
 from collections import defaultdict
 
+from benchmarks import kernels
 from benchmarks.harness import is_ours, parse_size
 from benchmarks.suite import merge
 
@@ -335,7 +336,10 @@ def write_report(results_dir: pathlib.Path, md_path: pathlib.Path) -> list[str]:
         lines += [f"- `{_rel(r['_path'], md_dir)}`: {r['meta']['date']}, `{r['meta']['command']}`, "
                   f"{machine_line(r['meta'])}" for r in older]
         lines.append("")
-    md_path.write_text("\n".join(lines))
+    kernel_report = kernels.results_section(md_path.read_text()) if md_path.exists() else None
+    if kernel_report:   # the static kernel report's own section (python -m benchmarks kernels --results-md)
+        lines += ["", kernel_report.rstrip("\n")]
+    md_path.write_text("\n".join(lines) + "\n")
     return heads
 
 
