@@ -57,6 +57,25 @@ def _worker(rank, port, model_dir, batch, scores, critic_states, out_dir):
             torch.save(sd, os.path.join(out_dir, f"{i}.pt"))
 
 
+def _reference(rank, batch, scores, out_dir):
+    """The single-process PPOTrainer update of every case, in a fresh process on one thread like the ranks (a
+    pytest process that once loaded vLLM ignores ``torch.set_num_threads``, and a different thread count changes
+    the matmul rounding, which Adam then amplifies)."""
+    torch.set_num_threads(1)
+    tok = tokenizer()
+    expected, critic_states = [], []
+    for est, agg in CASES:
+        policy = tiny_policy(tok, seed=1)
+        trainer = PPOTrainer(_config(est, agg), policy, tok, ["x"] * 4, HFEngine(policy, tok),
+                             reward_fn=lambda p, c: [0.0] * len(c))
+        critic_states.append({k: v.clone() for k, v in trainer.critic.state_dict().items()}
+                             if trainer.critic is not None else None)
+        exp, _ = trainer.make_experience(batch, scores)
+        trainer.update(exp, step=0)
+        expected.append({k: v.clone() for k, v in policy.state_dict().items()})
+    torch.save({"expected": expected, "critic_states": critic_states}, os.path.join(out_dir, "reference.pt"))
+
+
 @pytest.mark.slow
 def test_two_ranks_match_one_process():
     tok = tokenizer()
@@ -65,16 +84,10 @@ def test_two_ranks_match_one_process():
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = os.path.join(tmp, "model")
         save_model(base, tok, model_dir)
-        expected, critic_states = [], []
-        for est, agg in CASES:
-            policy = tiny_policy(tok, seed=1)
-            trainer = PPOTrainer(_config(est, agg), policy, tok, ["x"] * 4, HFEngine(policy, tok),
-                                 reward_fn=lambda p, c: [0.0] * len(c))
-            critic_states.append({k: v.clone() for k, v in trainer.critic.state_dict().items()}
-                                 if trainer.critic is not None else None)
-            exp, _ = trainer.make_experience(batch, scores)
-            trainer.update(exp, step=0)
-            expected.append({k: v.clone() for k, v in policy.state_dict().items()})
+        mp.start_processes(_reference, args=(batch, scores, tmp), nprocs=1, join=True,
+                           start_method="spawn")
+        ref_run = torch.load(os.path.join(tmp, "reference.pt"), weights_only=True)
+        expected, critic_states = ref_run["expected"], ref_run["critic_states"]
         mp.start_processes(_worker, args=(free_port(), model_dir, batch, scores, critic_states, tmp), nprocs=W,
                            join=True, start_method="spawn")
         for i, (est, agg) in enumerate(CASES):
@@ -83,6 +96,7 @@ def test_two_ranks_match_one_process():
             for name, ref in expected[i].items():
                 if name not in got:
                     continue
-                torch.testing.assert_close(got[name], ref, atol=2e-5, rtol=1e-4, msg=f"{est}/{agg}: {name}")
+                torch.testing.assert_close(got[name], ref, atol=2e-5, rtol=1e-4,
+                                           msg=lambda m, est=est, agg=agg, name=name: f"{est}/{agg}: {name}: {m}")
                 moved |= not torch.equal(ref, base.state_dict()[name])
             assert moved, f"{est}/{agg}: the update changed nothing"
