@@ -96,7 +96,9 @@ def test_two_ranks_match_one_process():
             for name, ref in expected[i].items():
                 if name not in got:
                     continue
-                torch.testing.assert_close(got[name], ref, atol=2e-5, rtol=1e-4,
+                # 1% of one lr=1e-2 Adam step: all-reduce order rounds near-zero gradients differently and Adam
+                # normalises them to O(lr) (seen: 3e-5); without the all-reduced totals the gap is 3e-2.
+                torch.testing.assert_close(got[name], ref, atol=1e-4, rtol=1e-3,
                                            msg=lambda m, est=est, agg=agg, name=name: f"{est}/{agg}: {name}: {m}")
                 moved |= not torch.equal(ref, base.state_dict()[name])
             assert moved, f"{est}/{agg}: the update changed nothing"
