@@ -138,7 +138,8 @@ def _resume_point(cfg, resume: bool) -> str | bool:
 def _load_model(path: str):
     import torch
     from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    from rlhf_fast.models.geometry import engine_exact_attention
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **engine_exact_attention(path))
 
 
 def cmd_sft(cfg, resume: bool) -> None:

@@ -28,7 +28,7 @@ def shared_assets(tmp_path_factory):
     return root, tok
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "opt", "gpt2"])
+@pytest.mark.parametrize("arch", ["qwen3", "opt", "gpt2", "llama", "qwen2", "mistral", "phi3", "gemma2"])
 def test_ppo_tied_architecture_mismatch_at_rounding(arch, shared_assets, tmp_path):
     root, tok = shared_assets
     cfg = tiny_config(arch, len(tok), tie_word_embeddings=True, max_position_embeddings=64,

@@ -100,3 +100,12 @@ def model_geometry(config) -> ModelGeometry:
                          vocab=None if vocab is None else int(vocab),
                          max_positions=None if max_positions is None else int(max_positions),
                          tied=bool(cfg.get("tie_word_embeddings", False)))
+
+
+def engine_exact_attention(config) -> dict[str, str]:
+    """``from_pretrained`` kwargs for an attention implementation that computes what vLLM computes.
+
+    HF's default ``sdpa`` path drops Gemma-2's ``attn_logit_softcapping`` (vLLM applies it: 1e-4 nats apart on a
+    tiny model), so a config with soft-capped attention loads with ``attn_implementation="eager"``; others: ``{}``.
+    """
+    return {"attn_implementation": "eager"} if _as_dict(config).get("attn_logit_softcapping") else {}
