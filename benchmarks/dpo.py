@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from benchmarks.harness import Case
+from benchmarks.harness import Case, lazy_impl
 
 VOCAB, BETA = 32_000, 0.1
 ACCUM = 8            # ours and trl-accum8: micro-batches per step
@@ -119,15 +119,6 @@ def _liger(s: dict) -> None:
     s["opt"].step()
 
 
-def _lazy(impl: str, build, step):
-    """Builds the impl's own trainer on its first (warm-up) call: a memory-probe process holds only its own."""
-    def run(inputs: dict) -> None:
-        if impl not in inputs:
-            inputs[impl] = build()
-        step(inputs[impl])
-    return run
-
-
 def _row_extra(impl: str, inputs: dict) -> dict:
     out = {"micro_batches": 1 if impl in ("trl", "liger") else ACCUM,
            "torch_threads": torch.get_num_threads()}
@@ -148,12 +139,12 @@ def _flops(pairs: int, tokens: int) -> float:
 def cases(quick: bool, device: str) -> list[Case]:
     size = SIZES[quick]
     pairs, tokens = size[0], size[1] + size[2]
-    impls = {"rlhf_fast": _lazy("rlhf_fast", lambda: _ours_inputs(size), _ours)}
+    impls = {"rlhf_fast": lazy_impl("rlhf_fast", lambda: _ours_inputs(size), _ours)}
     if importlib.util.find_spec("trl") is not None:
-        impls["trl"] = _lazy("trl", lambda: _trl_inputs(size, 1), _trl)
-        impls[f"trl-accum{ACCUM}"] = _lazy(f"trl-accum{ACCUM}", lambda: _trl_inputs(size, ACCUM), _trl)
+        impls["trl"] = lazy_impl("trl", lambda: _trl_inputs(size, 1), _trl)
+        impls[f"trl-accum{ACCUM}"] = lazy_impl(f"trl-accum{ACCUM}", lambda: _trl_inputs(size, ACCUM), _trl)
     if importlib.util.find_spec("liger_kernel") is not None:
-        impls["liger"] = _lazy("liger", lambda: _liger_inputs(size), _liger)
+        impls["liger"] = lazy_impl("liger", lambda: _liger_inputs(size), _liger)
     return [Case(name=f"M50xP{pairs}xT{tokens}", make_inputs=dict, impls=impls, tokens=2 * pairs * tokens,
                  flops=_flops(pairs, tokens), min_reps=1 if quick else 2, budget_s=0.0, memory_scope="process",
                  row_extra=_row_extra, size_label="pairs x tokens")]

@@ -63,6 +63,16 @@ def is_ours(impl: str) -> bool:
     return impl.startswith("rlhf_fast")
 
 
+def lazy_impl(impl: str, build: Callable[[], Any], step: Callable[[Any], None]) -> Callable[[dict], None]:
+    """An end-to-end impl that builds its own state (a trainer) on its first (warm-up) call, into
+    ``inputs[impl]``: a memory-probe process then holds only that impl's state."""
+    def run(inputs: dict) -> None:
+        if impl not in inputs:
+            inputs[impl] = build()
+        step(inputs[impl])
+    return run
+
+
 def bench_module(name: str):
     """``gae`` -> ``benchmarks.gae``; a dotted name (e.g. a test's own bench) is imported as given."""
     return importlib.import_module(name if "." in name else f"benchmarks.{name}")

@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from benchmarks.harness import Case
+from benchmarks.harness import Case, lazy_impl
 
 PROMPTS, SAMPLES, NEW_TOKENS, VOCAB = 16, 4, 128, 32_000
 MICRO_BATCHES = 8       # ours: the 64 rollouts' gradient accumulated over 8 micro-batches of 8
@@ -112,15 +112,6 @@ def _trl(state: dict) -> None:
     state["trainer"].train()
 
 
-def _lazy(impl: str, build, step):
-    """Builds the impl's own trainer on its first (warm-up) call: a memory-probe process holds only its own."""
-    def run(inputs: dict) -> None:
-        if impl not in inputs:
-            inputs[impl] = build()
-        step(inputs[impl])
-    return run
-
-
 def _row_extra(impl: str, inputs: dict) -> dict:
     state = inputs[impl]
     if impl != "rlhf_fast":
@@ -154,10 +145,10 @@ def _flops(prompt_tokens: int, response_tokens: int) -> float:
 
 
 def cases(quick: bool, device: str) -> list[Case]:
-    impls = {"rlhf_fast": _lazy("rlhf_fast", _ours_inputs, _ours)}
+    impls = {"rlhf_fast": lazy_impl("rlhf_fast", _ours_inputs, _ours)}
     if importlib.util.find_spec("trl") is not None:
-        impls["trl-grpo"] = _lazy("trl-grpo", lambda: _trl_inputs(1), _trl)
-        impls[f"trl-grpo-accum{MICRO_BATCHES}"] = _lazy(f"trl-grpo-accum{MICRO_BATCHES}",
+        impls["trl-grpo"] = lazy_impl("trl-grpo", lambda: _trl_inputs(1), _trl)
+        impls[f"trl-grpo-accum{MICRO_BATCHES}"] = lazy_impl(f"trl-grpo-accum{MICRO_BATCHES}",
                                                          lambda: _trl_inputs(MICRO_BATCHES), _trl)
     return [Case(name=f"M50xP{PROMPTS * SAMPLES}xN{NEW_TOKENS}", make_inputs=dict, impls=impls,
                  tokens=PROMPTS * SAMPLES * NEW_TOKENS, min_reps=1 if quick else 2, budget_s=0.0,
