@@ -45,7 +45,8 @@ from rlhf_fast._validation import check_choice, check_in_range, check_mask, chec
 from rlhf_fast.ops.agg import AGG_MODES, row_scale
 from rlhf_fast.ops.linear_logprob import _check_args, _scratch, _tile_logits
 from rlhf_fast.ops.logprob import logprob_entropy_backward, logprob_entropy_forward, logprob_entropy_torch
-from rlhf_fast.ops.policy_loss import _NO_DUAL_CLIP, _launch_forward, _stats_from_parts, policy_loss_torch
+from rlhf_fast.ops.policy_loss import _NO_DUAL_CLIP, _launch_forward, _stats_from_parts, check_clip_args, \
+    policy_loss_torch
 
 __all__ = ["linear_ppo_objective", "default_block_rows"]
 
@@ -198,14 +199,7 @@ def _check_policy_args(old_logp, advantages, mask, rollout_logp, labels, clip_lo
             check_tensor(name, t, floating=True)
             check_same_shape(name, t, "labels", labels)
     mask = check_mask("mask", mask, labels.shape)
-    check_in_range("clip_low", clip_low, 0.0, 1.0)
-    check_in_range("clip_high", clip_high, 0.0, math.inf)
-    if dual_clip is not None and not (isinstance(dual_clip, (int, float)) and dual_clip > 1):
-        raise ValueError(f"dual_clip must be None or a number > 1, got {dual_clip!r}")
-    if tis_cap is not None:
-        if rollout_logp is None:
-            raise ValueError("tis_cap needs rollout_logp (the truncated IS weight is exp(old_logp - rollout_logp))")
-        check_in_range("tis_cap", tis_cap, 1e-30, math.inf)
+    check_clip_args(clip_low, clip_high, dual_clip, tis_cap, rollout_logp)
     check_in_range("entropy_coef", entropy_coef, -math.inf, math.inf)
     if agg == "none":
         raise ValueError("agg='none' has no scalar loss to fuse; use linear_logprobs + ppo_policy_loss")

@@ -165,6 +165,20 @@ def _stats_from_parts(parts: torch.Tensor, has_tis: bool) -> dict[str, torch.Ten
 
 
 # ----------------------------------------------------------------------------------------- public op
+def check_clip_args(clip_low, clip_high, dual_clip, tis_cap, rollout_logp) -> tuple[float, float]:
+    """The clipped loss's scalar arguments (0 <= clip_low <= 1, clip_high >= 0, dual_clip None or > 1, tis_cap
+    > 0 with rollout_logp); returns (clip_low, clip_high) as checked."""
+    clip_low = check_in_range("clip_low", clip_low, 0.0, 1.0)
+    clip_high = check_in_range("clip_high", clip_high, 0.0, math.inf)
+    if dual_clip is not None and not (isinstance(dual_clip, (int, float)) and dual_clip > 1):
+        raise ValueError(f"dual_clip must be None or a number > 1, got {dual_clip!r}")
+    if tis_cap is not None:
+        if rollout_logp is None:
+            raise ValueError("tis_cap needs rollout_logp (the truncated IS weight is exp(old_logp - rollout_logp))")
+        check_in_range("tis_cap", tis_cap, 1e-30, math.inf)
+    return clip_low, clip_high
+
+
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                     clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = None,
                     agg: str = "token-mean", rollout_logp: torch.Tensor | None = None, tis_cap: float | None = None,
@@ -185,14 +199,7 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     mask = check_mask("mask", mask, logp.shape)
     check_same_device({"logp": logp, "old_logp": old_logp, "advantages": advantages, "mask": mask,
                        "rollout_logp": rollout_logp, "weight": weight})
-    clip_low = check_in_range("clip_low", clip_low, 0.0, 1.0)
-    clip_high = check_in_range("clip_high", clip_high, 0.0, math.inf)
-    if dual_clip is not None and not (isinstance(dual_clip, (int, float)) and dual_clip > 1):
-        raise ValueError(f"dual_clip must be None or a number > 1, got {dual_clip!r}")
-    if tis_cap is not None:
-        if rollout_logp is None:
-            raise ValueError("tis_cap needs rollout_logp (the truncated IS weight is exp(old_logp - rollout_logp))")
-        check_in_range("tis_cap", tis_cap, 1e-30, math.inf)
+    clip_low, clip_high = check_clip_args(clip_low, clip_high, dual_clip, tis_cap, rollout_logp)
     check_choice("agg", agg, AGG_MODES)
     backend = resolve_backend(backend, logp)
     if backend == "torch":
