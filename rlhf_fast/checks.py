@@ -2,7 +2,7 @@
 their compatibility, context lengths. Each failure is an :class:`InputError`, one line naming the argument
 (``--reward-model``) or the file, raised before any model or engine is built.
 
-    file        exists and is a regular file
+    file        exists and is a regular file (data: or a saved HF dataset directory)
     model dir   exists, is a directory, holds a config.json transformers can read (no remote code) and a
                 weights file (*.safetensors or pytorch_model*.bin); each *.safetensors file's header parses
                 and covers the file (a truncated download fails here, before any weight is read)
@@ -45,6 +45,21 @@ def _existing(arg: str, path: str | os.PathLike | None, noun: str, is_kind, wron
 def check_file(arg: str, path: str | os.PathLike | None) -> str:
     """``path`` if it is an existing regular file; else :class:`InputError` naming ``arg``."""
     return _existing(arg, path, "file", os.path.isfile, "not a regular file")
+
+
+DATASET_DIR_FILES = ("dataset_dict.json", "state.json")   # what Dataset(Dict).save_to_disk writes
+
+
+def check_data_source(arg: str, path: str | os.PathLike | None) -> str:
+    """``path`` if it is a regular file (JSONL, parquet) or a saved HF dataset directory (``save_to_disk``);
+    else :class:`InputError` naming ``arg``."""
+    path = _existing(arg, path, "file", os.path.exists, "")
+    if os.path.isdir(path):
+        if not any(os.path.isfile(os.path.join(path, f)) for f in DATASET_DIR_FILES):
+            raise InputError(f"{flag(arg)}: {path} is a directory but not a saved HF dataset (no "
+                             f"{' or '.join(DATASET_DIR_FILES)})")
+        return path
+    return check_file(arg, path)
 
 
 def check_model_dir(arg: str, path: str | os.PathLike | None):

@@ -17,23 +17,27 @@ EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
 DESCRIPTION = "RLHF trainers over rlhf_fast's fused ops; bad input stops a run before any model is built (exit 2)."
 COMMANDS = {   # name: (one-line meaning, example)
-    "sft": ("supervised fine-tuning of a causal LM", "rlhf-fast sft --model DIR --data sft.jsonl --out-dir runs/sft"),
-    "rm": ("reward model from comparisons", "rlhf-fast rm --model DIR --comparisons c.jsonl --out-dir runs/rm"),
-    "ppo": ("PPO / GRPO / RLOO / REINFORCE++ against a reward model",
-            "rlhf-fast ppo --model DIR --reward-model DIR --prompts p.jsonl --out-dir runs/ppo"),
+    "sft": ("supervised fine-tuning of a causal LM (optionally LoRA)",
+            "rlhf-fast sft --model DIR --data sft.jsonl --out-dir runs/sft [--lora-rank 16]"),
+    "rm": ("reward model from comparisons (optionally LoRA; the score head trains fully)",
+           "rlhf-fast rm --model DIR --comparisons c.jsonl --out-dir runs/rm [--lora-rank 16]"),
+    "ppo": ("PPO / GRPO / RLOO / REINFORCE++ against a reward model (optionally a LoRA policy, reference = base)",
+            "rlhf-fast ppo --model DIR --reward-model DIR --prompts p.jsonl --out-dir runs/ppo [--lora-rank 16]"),
     "ppo-dist": ("distributed PPO: FSDP2 learners and vLLM engines on Ray (--dry-run: the memory plan)",
                  "rlhf-fast ppo-dist --model DIR --reward-model DIR --prompts p.jsonl --learners 2 --engines 2"),
     "dpo": ("DPO / IPO / SimPO / hinge from pairwise comparisons (optionally LoRA)",
             "rlhf-fast dpo --model DIR --comparisons c.jsonl --out-dir runs/dpo [--lora-rank 16]"),
     "demo": ("the end-to-end demo on a synthetic task (CPU, minutes)", "rlhf-fast demo --out runs"),
 }
-# command-line spellings of config keys, per subcommand
-ALIASES = {"rm": {"--comparisons": "--data"},
-           "ppo-dist": {"--async": "--async-mode=true", "--colocate": "--colocate=true", "--dry-run": "--dry-run=true"},
-           "dpo": {"--comparisons": "--data", "--lora-rank": "--lora.rank", "--lora-alpha": "--lora.alpha",
-                   "--lora-targets": "--lora.targets", "--lora-dropout": "--lora.dropout",
-                   "--prompt-column": "--columns.prompt", "--chosen-column": "--columns.chosen",
-                   "--rejected-column": "--columns.rejected", "--split": "--columns.split"}}
+# command-line spellings of config keys, per subcommand; every trainer's lora and columns sections
+LORA_COLUMNS = {"--lora-rank": "--lora.rank", "--lora-alpha": "--lora.alpha", "--lora-targets": "--lora.targets",
+                "--lora-dropout": "--lora.dropout", "--prompt-column": "--columns.prompt",
+                "--completion-column": "--columns.completion", "--chosen-column": "--columns.chosen",
+                "--rejected-column": "--columns.rejected", "--split": "--columns.split"}
+ALIASES = {"sft": LORA_COLUMNS, "rm": {"--comparisons": "--data", **LORA_COLUMNS}, "ppo": LORA_COLUMNS,
+           "ppo-dist": {"--async": "--async-mode=true", "--colocate": "--colocate=true", "--dry-run": "--dry-run=true",
+                        "--prompt-column": "--columns.prompt", "--split": "--columns.split"},
+           "dpo": {"--comparisons": "--data", **LORA_COLUMNS}}
 
 
 def _config_class(command: str):
@@ -144,26 +148,28 @@ def _load_model(path: str):
 
 def cmd_sft(cfg, resume: bool) -> None:
     from rlhf_fast.models import save_model
+    from rlhf_fast.models.lora import maybe_lora, merged_model
     from rlhf_fast.preflight import preflight_sft
     from rlhf_fast.trainer.sft import SFTTrainer
     inputs = preflight_sft(cfg)
     resume = _resume_point(cfg, resume)
-    model = _load_model(cfg.model)
+    model = maybe_lora(_load_model(cfg.model), cfg.lora)
     SFTTrainer(cfg, model, inputs.tokenizer, inputs.records).train(resume=resume)
-    save_model(model, inputs.tokenizer, os.path.join(cfg.out_dir, "model"))
+    save_model(merged_model(model), inputs.tokenizer, os.path.join(cfg.out_dir, "model"))
     print(f"SFT model saved to {os.path.join(cfg.out_dir, 'model')}")
 
 
 def cmd_rm(cfg, resume: bool) -> None:
     from rlhf_fast.models import RewardModel
+    from rlhf_fast.models.lora import maybe_lora, merged_model
     from rlhf_fast.preflight import preflight_rm
     from rlhf_fast.trainer.reward import RewardTrainer
     inputs = preflight_rm(cfg)
     resume = _resume_point(cfg, resume)
-    model = RewardModel.from_pretrained(cfg.model)
+    model = maybe_lora(RewardModel.from_pretrained(cfg.model), cfg.lora)
     trainer = RewardTrainer(cfg, model, inputs.tokenizer, inputs.records, inputs.eval_records)
     trainer.train(resume=resume)
-    model.save_pretrained(os.path.join(cfg.out_dir, "model"), inputs.tokenizer)
+    merged_model(model).save_pretrained(os.path.join(cfg.out_dir, "model"), inputs.tokenizer)
     if inputs.eval_records:
         print(f"held-out accuracy: {trainer.evaluate()['accuracy']:.3f} on {len(inputs.eval_records)} comparisons")
     print(f"reward model saved to {os.path.join(cfg.out_dir, 'model')}")
@@ -171,13 +177,14 @@ def cmd_rm(cfg, resume: bool) -> None:
 
 def cmd_ppo(cfg, resume: bool) -> None:
     from rlhf_fast.models import RewardModel, save_model
+    from rlhf_fast.models.lora import maybe_lora, merged_model
     from rlhf_fast.preflight import preflight_ppo
     from rlhf_fast.trainer.engines import build_engine
     from rlhf_fast.trainer.ppo import PPOTrainer
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     inputs = preflight_ppo(cfg)
     resume = _resume_point(cfg, resume)
-    policy, tokenizer = _load_model(cfg.model), inputs.tokenizer
+    policy, tokenizer = maybe_lora(_load_model(cfg.model), cfg.lora), inputs.tokenizer
     reward_model = RewardModel.from_pretrained(cfg.reward_model)
     engine = build_engine(cfg.engine, policy, tokenizer, cfg.model, inputs.max_len, seed=cfg.seed,
                           max_num_seqs=cfg.batch_size * cfg.samples_per_prompt)
@@ -186,15 +193,17 @@ def cmd_ppo(cfg, resume: bool) -> None:
                    reward_model=reward_model, ptx_records=inputs.ptx_records).train(resume=resume)
     finally:
         engine.close()
-    save_model(policy, tokenizer, os.path.join(cfg.out_dir, "policy"))
+    save_model(merged_model(policy), tokenizer, os.path.join(cfg.out_dir, "policy"))
     print(f"policy saved to {os.path.join(cfg.out_dir, 'policy')}")
 
 
 def cmd_dpo(cfg, resume: bool) -> None:
     from rlhf_fast.models import save_model
     from rlhf_fast.models.lora import maybe_lora, merged_model
-    from rlhf_fast.trainer.dpo import DPOTrainer, preflight_dpo
+    from rlhf_fast.preflight import preflight_dpo
+    from rlhf_fast.trainer.dpo import DPOTrainer
     inputs = preflight_dpo(cfg)
+    resume = _resume_point(cfg, resume)
     model = maybe_lora(_load_model(cfg.model), cfg.lora)
     DPOTrainer(cfg, model, inputs.tokenizer, inputs.records).train(resume=resume)
     save_model(merged_model(model), inputs.tokenizer, os.path.join(cfg.out_dir, "model"))

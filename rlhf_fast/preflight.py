@@ -1,8 +1,10 @@
 """Everything a subcommand checks before it builds a model or an engine, in this order: the config (validated
-when built, :mod:`rlhf_fast.trainer.config`), the run directory and data files, every data line
-(:mod:`rlhf_fast.data.jsonl`), the model directories, the tokenizers and their compatibility
-(:mod:`rlhf_fast.checks`), and every example's length against the context (:mod:`rlhf_fast.data.overlong`,
-per ``--overlong``). Each returns what the trainer then needs (the tokenizer, the records as they will be used).
+when built, :mod:`rlhf_fast.trainer.config`), the run directory and data paths, the model directories and the
+tokenizers (:mod:`rlhf_fast.checks`), every data record (:mod:`rlhf_fast.data.sources`: JSONL, a saved HF dataset
+directory or parquet, through ``cfg.columns``; chat records rendered by the policy's tokenizer, so it comes
+first), the tokenizers' compatibility, and every example's length against the context
+(:mod:`rlhf_fast.data.overlong`, per ``--overlong``). Each returns what the trainer then needs (the tokenizer,
+the records as they will be used).
 """
 from __future__ import annotations
 
@@ -10,10 +12,10 @@ import dataclasses
 import importlib.util
 import os
 
-from rlhf_fast.checks import (InputError, check_file, check_model_dir, check_reward_tokenizer, context_length,
-                              load_tokenizer)
+from rlhf_fast.checks import (InputError, check_data_source, check_model_dir, check_reward_tokenizer,
+                              context_length, load_tokenizer)
 from rlhf_fast.data.collators import encode_prompt
-from rlhf_fast.data.jsonl import read_jsonl_lines
+from rlhf_fast.data.sources import KINDS, read_source
 from rlhf_fast.data.overlong import fit_to_context
 
 
@@ -33,21 +35,37 @@ def check_out_dir(path: str) -> None:
         raise InputError(f"--out-dir: not a directory: {path}")
 
 
+def read_data(cfg, arg: str, kind: str, tokenizer) -> list[tuple[int, dict]]:
+    """``(row, record)`` pairs of the source ``cfg.<arg>`` (:func:`rlhf_fast.data.sources.read_source`), its
+    columns from ``cfg.columns`` (the keys of ``kind`` only; ``--split`` for a DatasetDict directory)."""
+    columns = {k: getattr(cfg.columns, k) for k in KINDS[kind]}
+    return read_source(getattr(cfg, arg), kind, columns, tokenizer, cfg.columns.split)
+
+
 def _policy(cfg, data: dict[str, str]):
-    """The run directory, the data files (each line), then the model directory and its tokenizer:
-    ``(tokenizer, model config, {arg: [(line, record), ...]})``; ``data``: ``{arg: JSONL kind}``."""
+    """The run directory, the data paths, the model directory and its tokenizer, then every data record:
+    ``(tokenizer, model config, {arg: [(row, record), ...]})``; ``data``: ``{arg: record kind}``."""
     check_out_dir(cfg.out_dir)
     for arg in data:
-        check_file(arg, getattr(cfg, arg))
-    items = {arg: read_jsonl_lines(getattr(cfg, arg), kind) for arg, kind in data.items()}
+        check_data_source(arg, getattr(cfg, arg))
     config = check_model_dir("model", cfg.model)
-    return load_tokenizer("model", cfg.model, config), config, items
+    tok = load_tokenizer("model", cfg.model, config)
+    return tok, config, {arg: read_data(cfg, arg, kind, tok) for arg, kind in data.items()}
+
+
+def _one_source(cfg, kind: str) -> Inputs:
+    tok, config, items = _policy(cfg, {"data": kind})
+    return Inputs(tok, fit_to_context(items["data"], tok, context_length("model", config), cfg.overlong, cfg.data,
+                                      "--model"))
 
 
 def preflight_sft(cfg) -> Inputs:
-    tok, config, items = _policy(cfg, {"data": "sft"})
-    return Inputs(tok, fit_to_context(items["data"], tok, context_length("model", config), cfg.overlong, cfg.data,
-                                      "--model"))
+    return _one_source(cfg, "sft")
+
+
+def preflight_dpo(cfg) -> Inputs:
+    """Comparisons (pairwise; best-of-K lines of JSONL give K-1 pairs in the trainer)."""
+    return _one_source(cfg, "comparisons")
 
 
 def preflight_rm(cfg) -> Inputs:

@@ -71,7 +71,8 @@ MISTAKES = [
     ("out_dir_is_file", lambda a: _ppo(a, "--out-dir", str(a / "a_file")), "--out-dir: not a directory: {a}/a_file"),
     ("prompts_missing", lambda a: _ppo(a, "--prompts", str(a / "nope.jsonl")),
      "--prompts: no such file: {a}/nope.jsonl"),
-    ("prompts_dir", lambda a: _ppo(a, "--prompts", str(a)), "--prompts: not a regular file: {a}"),
+    ("prompts_dir", lambda a: _ppo(a, "--prompts", str(a)),
+     "--prompts: {a} is a directory but not a saved HF dataset"),
     ("model_hub_id", lambda a: _ppo(a, "--model", "Qwen/Qwen2.5-0.5B"),        # no hub, no network: say so
      "--model: no such local model directory: Qwen/Qwen2.5-0.5B"),
     ("model_is_file", lambda a: _ppo(a, "--model", str(a / "a_file")), "--model: not a directory"),

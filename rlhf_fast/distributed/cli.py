@@ -33,13 +33,14 @@ def cmd_ppo_dist(cfg: DistributedPPOConfig, resume: bool) -> None:
         print(dry_run(cfg))
         return
     from transformers import AutoTokenizer
-    from rlhf_fast.data import read_jsonl
     from rlhf_fast.distributed.driver import DistributedPPO
     from rlhf_fast.models import RewardModel
+    from rlhf_fast.preflight import read_data
     if not cfg.reward_model:
         raise SystemExit("error: --reward-model PATH is required")
-    prompts = [r["prompt"] for r in read_jsonl(cfg.prompts, "prompts")]
-    rm, tok = RewardModel.from_pretrained(cfg.reward_model).eval(), AutoTokenizer.from_pretrained(cfg.model)
+    tok = AutoTokenizer.from_pretrained(cfg.model)
+    prompts = [r["prompt"] for _, r in read_data(cfg, "prompts", "prompts", tok)]
+    rm = RewardModel.from_pretrained(cfg.reward_model).eval()
     run = DistributedPPO(cfg, cfg.model, prompts, reward_model=rm, learners=cfg.learners, engines=cfg.engines,
                          colocate=cfg.colocate, async_mode=cfg.async_mode, ray_address=cfg.ray_address,
                          engine=cfg.engine, cpus=cfg.cpus_per_actor, gpus=cfg.gpus_per_actor)

@@ -27,6 +27,9 @@ class DistributedPPOConfig(PPOConfig):
 
     def check(self) -> None:
         super().check()
+        if self.lora.rank:
+            raise ConfigError("must be 0 for ppo-dist (its FSDP2 learners train full weights); LoRA runs on "
+                              "rlhf-fast ppo", "lora.rank")
         if self.minibatch_size < self.learners * self.grad_accum:
             raise ConfigError(f"must be >= learners x grad_accum ({self.learners} x {self.grad_accum}): every "
                               f"rank needs a row per micro-batch, got {self.minibatch_size}", "minibatch_size")

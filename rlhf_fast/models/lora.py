@@ -7,15 +7,18 @@ A LoRA-adapted linear layer computes ``y = x W^T + s * x A^T B^T`` with ``A`` [r
   the lm_head out. The head is never adapted: the fused lm_head path
   (:func:`rlhf_fast.models.policy_logprobs`) reads the head's weight directly, so naming it in the targets is
   refused rather than silently ignored.
+- :func:`maybe_lora` also takes a reward model / critic (:class:`~rlhf_fast.models.value_model.ScalarHeadModel`):
+  its backbone gets the adapter and its scalar head stays fully trainable (what peft's ``modules_to_save``
+  does for a sequence-classification head); :func:`merged_model` merges the backbone back for saving.
 - :func:`reference_mode`: the reference policy of DPO/PPO is the base model, i.e. the same module with the
   adapter disabled (``PeftModel.disable_adapter()``): no second copy of the weights.
 - :func:`merged_lora_weights`: what a rollout engine needs after an update: ``W + s * B A`` for every adapted
   layer, with HF names, and nothing for the layers LoRA does not touch (embeddings, norms, head). Every tensor
   of a changed decoder layer travels (merged or not): vLLM stacks q/k/v and gate/up into fused parameters and
   reloads a layer correctly only when all its tensors arrive together.
-- :func:`sync_lora`: those tensors through the engine's own bucketed sync (``plan_buckets`` /
-  ``push_buckets`` / ``VLLMEngine.send_bucket``, i.e. vLLM ``reload_weights``), not vLLM's LoRA adapter
-  loading (which the CPU backend here does not run).
+- :func:`sync_lora`: those tensors through the engine's own bucketed sync (``VLLMEngine.sync_weights`` sends
+  them for any peft model: ``plan_buckets`` / ``push_buckets``, i.e. vLLM ``reload_weights``), not vLLM's LoRA
+  adapter loading (which the CPU backend here does not run).
 """
 from __future__ import annotations
 
@@ -24,8 +27,7 @@ import sys
 
 import torch
 
-from rlhf_fast.rollout.weight_sync import (NamedTensors, SyncStats, default_name_map, layer_key, plan_buckets,
-                                           push_buckets)
+from rlhf_fast.rollout.weight_sync import NamedTensors, SyncStats, default_name_map, layer_key
 
 __all__ = ["apply_lora", "is_lora", "maybe_lora", "merged_lora_weights", "merged_model", "reference_mode",
            "sync_lora"]
@@ -38,9 +40,10 @@ def is_lora(model) -> bool:
 
 
 def apply_lora(model: torch.nn.Module, rank: int, alpha: float | None = None, targets: str = "all-linear",
-               dropout: float = 0.0):
+               dropout: float = 0.0, task_type: str = "CAUSAL_LM"):
     """``model`` wrapped by peft LoRA of rank ``rank`` (alpha defaults to 2 * rank); ``targets``: ``all-linear``
-    or comma-separated module names (``q_proj,v_proj``)."""
+    or comma-separated module names (``q_proj,v_proj``); ``task_type``: peft's (``FEATURE_EXTRACTION`` for a
+    backbone without a head)."""
     if not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"lora rank must be a positive int, got {rank!r}")
     if not 0.0 <= dropout < 1.0:
@@ -55,19 +58,30 @@ def apply_lora(model: torch.nn.Module, rank: int, alpha: float | None = None, ta
         raise ValueError(f"lora targets {sorted(head_names & set(names))}: the lm_head cannot be adapted (the fused "
                          f"lm_head path reads its weight directly); adapt the decoder layers instead")
     config = LoraConfig(r=rank, lora_alpha=float(alpha if alpha is not None else 2 * rank), target_modules=names,
-                        lora_dropout=dropout, bias="none", task_type="CAUSAL_LM")
+                        lora_dropout=dropout, bias="none", task_type=task_type)
     return get_peft_model(model, config)
 
 
 def maybe_lora(model: torch.nn.Module, section):
-    """``model`` itself when ``section.rank == 0``, else :func:`apply_lora` with the section's settings."""
+    """``model`` itself when ``section.rank == 0``, else :func:`apply_lora` with the section's settings (a
+    scalar-head model: on its backbone, in place, the head left trainable)."""
     if not section.rank:
+        return model
+    from rlhf_fast.models.value_model import ScalarHeadModel
+    if isinstance(model, ScalarHeadModel):
+        model.backbone = apply_lora(model.backbone, section.rank, section.alpha, section.targets, section.dropout,
+                                    task_type="FEATURE_EXTRACTION")
         return model
     return apply_lora(model, section.rank, section.alpha, section.targets, section.dropout)
 
 
 def merged_model(model):
-    """A plain HF model to save: a LoRA model's adapter merged into its base (in place), else ``model``."""
+    """A plain model to save: a LoRA model's adapter merged into its base (in place; a scalar-head model's
+    backbone), else ``model``."""
+    from rlhf_fast.models.value_model import ScalarHeadModel
+    if isinstance(model, ScalarHeadModel):
+        model.backbone = merged_model(model.backbone)
+        return model
     return model.merge_and_unload() if is_lora(model) else model
 
 
@@ -108,8 +122,7 @@ def sync_lora(engine, model) -> SyncStats:
     transfer) in its buckets, then reset vLLM's prefix cache. Returns what moved."""
     if getattr(engine, "weight_transfer", None) != "reload":
         raise ValueError("sync_lora needs a VLLMEngine with weight_transfer='reload'")
-    named = merged_lora_weights(model, engine.dtype)
-    stats = push_buckets(engine.send_bucket, plan_buckets(named, engine.sync_bucket_bytes))
-    engine.llm.reset_prefix_cache()
-    engine.last_sync = stats
-    return stats
+    if not is_lora(model):
+        raise TypeError(f"model must be a peft LoRA model, got {type(model).__name__}")
+    engine.sync_weights(model)
+    return engine.last_sync

@@ -10,7 +10,10 @@ from torch import nn
 
 
 def base_model(model: nn.Module) -> nn.Module:
-    """The decoder stack of a HF causal LM (``model.model`` for Llama-style models), or ``model`` itself."""
+    """The decoder stack of a HF causal LM (``model.model`` for Llama-style models; through a peft wrapper), or
+    ``model`` itself."""
+    from rlhf_fast.models.lora import is_lora
+    model = model.get_base_model() if is_lora(model) else model
     return getattr(model, getattr(model, "base_model_prefix", "model"), model)
 
 

@@ -16,6 +16,8 @@ Weight sync (``weight_transfer``):
 Every sync ends with ``rlhf_fast_finish_sync`` in the workers: modules sharing a weight (a tied lm_head)
 are re-packed, since vLLM's CPU GEMM of a tied head reads a packed copy that the reload does not refresh
 (``vllm_compat.refresh_tied_heads``). ``sync_weights(model, verify=True)`` then checks log-probs (see base).
+A peft LoRA policy sends only its changed decoder layers, adapters merged
+(:func:`rlhf_fast.models.lora.merged_lora_weights`), not vLLM's LoRA adapter loading.
 
 A dead engine (multiprocess mode, engine process gone) raises RuntimeError; RPCs time out after
 ``rpc_timeout_s`` instead of hanging.
@@ -150,7 +152,8 @@ class VLLMEngine(RolloutEngine):
     # -- weight sync ------------------------------------------------------------------------------
     def _sync_weights(self, model: torch.nn.Module) -> None:
         self._wake_for("sync")
-        named = engine_weights(model, self.dtype)
+        from rlhf_fast.models.lora import is_lora, merged_lora_weights
+        named = merged_lora_weights(model, self.dtype) if is_lora(model) else engine_weights(model, self.dtype)
         if self.weight_transfer == "reload":
             buckets = plan_buckets(named, self.sync_bucket_bytes)
             self.last_sync = self._call(lambda: push_buckets(self.send_bucket, buckets))

@@ -309,25 +309,59 @@ class RunConfig(Config):
 
 
 @dataclasses.dataclass
+class LoraSection(Config):
+    """LoRA through peft (rlhf_fast.models.lora); the lm_head is never adapted (the fused lm_head path reads it)."""
+    rank: int = key(0, "LoRA rank r (0: full fine-tuning)", ge=0)
+    alpha: float | None = key(None, "LoRA alpha (scale alpha / r; default 2 * rank)", gt=0)
+    targets: str = key("all-linear", "modules to adapt: all-linear (every linear layer but the lm_head, which is "
+                       "never adapted) or comma-separated names (q_proj,v_proj)")
+    dropout: float = key(0.0, "LoRA dropout", ge=0, lt=1)
+
+
+@dataclasses.dataclass
+class DataColumns(Config):
+    """Source columns of the record fields (HF dataset directory, parquet or JSONL; rlhf_fast.data.sources)."""
+    prompt: str = key("prompt", "column of the prompt (a string or chat messages)")
+    completion: str = key("completion", "column of the SFT completion")
+    chosen: str = key("chosen", "column of the preferred completion")
+    rejected: str = key("rejected", "column of the rejected completion")
+    split: str = key("train", "split of a saved DatasetDict directory")
+
+
+def lora_key():
+    """The ``lora`` field of a trainer config (``--lora-rank R --lora-alpha A --lora-targets ...``)."""
+    return key(help="LoRA adapter (--lora-rank R --lora-alpha A --lora-targets ...)", default_factory=LoraSection)
+
+
+def columns_key():
+    """The ``columns`` field of a trainer config (``--prompt-column ... --split ...``)."""
+    return key(help="data column mapping (--prompt-column ...)", default_factory=DataColumns)
+
+
+@dataclasses.dataclass
 class SFTConfig(RunConfig):
     """Supervised fine-tuning on {"prompt", "completion"} examples."""
     model: str = key("", "local HF causal-LM directory to fine-tune")
-    data: str = key("", "JSONL file of {\"prompt\", \"completion\"} examples")
+    data: str = key("", "{\"prompt\", \"completion\"} examples: JSONL, a saved HF dataset directory or parquet")
     epochs: int = key(1, "passes over the data", ge=1)
     max_steps: int = key(0, "stop after N steps (0: epochs x batches)", ge=0)
+    lora: LoraSection = lora_key()
+    columns: DataColumns = columns_key()
 
 
 @dataclasses.dataclass
 class RewardConfig(RunConfig):
     """Reward-model training from pairwise or best-of-K comparisons."""
     model: str = key("", "local HF directory: a reward model, or a causal LM whose backbone gets a head")
-    data: str = key("", "JSONL comparisons: pairwise {prompt, chosen, rejected[, margin]} or best-of-K "
-                    "{prompt, completions, best} (alias --comparisons)")
-    eval_data: str | None = key(None, "JSONL comparisons held out for evaluation")
+    data: str = key("", "comparisons: JSONL pairwise {prompt, chosen, rejected[, margin]} or best-of-K "
+                    "{prompt, completions, best}, or a saved HF dataset directory / parquet (pairwise; alias --comparisons)")
+    eval_data: str | None = key(None, "comparisons held out for evaluation (same formats as data)")
     eval_fraction: float = key(0.1, "share of data held out when eval_data is not given", ge=0, lt=1)
     epochs: int = key(2, "passes over the data", ge=1)
     max_steps: int = key(0, "stop after N steps (0: epochs x batches)", ge=0)
     margin_scale: float = key(1.0, "pairwise loss -log sigmoid(r_c - r_r - margin_scale * margin)", ge=0)
+    lora: LoraSection = lora_key()
+    columns: DataColumns = columns_key()
 
 
 @dataclasses.dataclass
@@ -335,7 +369,7 @@ class PPOConfig(RunConfig):
     """PPO (or GRPO / RLOO / REINFORCE++) against a reward model, with vLLM or HF rollouts."""
     model: str = key("", "local HF causal-LM directory: the SFT policy, also the frozen reference")
     reward_model: str | None = key(None, "local reward-model directory (same tokenizer as the policy)")
-    prompts: str = key("", "JSONL file of {\"prompt\"} records")
+    prompts: str = key("", "{\"prompt\"} records: JSONL, a saved HF dataset directory or parquet")
     lr: float = key(1e-5, "policy learning rate (AdamW)", gt=0)
     critic_lr: float = key(1e-4, "critic (and online reward model) learning rate", gt=0)
     steps: int = key(20, "PPO iterations", ge=1)
@@ -385,6 +419,8 @@ class PPOConfig(RunConfig):
     dynamic_sampling: bool = key(False, "DAPO dynamic sampling (grpo / rloo): drop groups of equal rewards, "
                                  "sample more prompts to refill the batch")
     max_sampling_rounds: int = key(3, "dynamic sampling: most extra generation rounds per iteration", ge=1)
+    lora: LoraSection = lora_key()
+    columns: DataColumns = columns_key()
 
     def check(self) -> None:
         from rlhf_fast.algos.advantages import ADVANTAGE_ESTIMATORS

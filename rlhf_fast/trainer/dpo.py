@@ -30,7 +30,7 @@ from rlhf_fast.models.policy_logprobs import policy_logprobs
 from rlhf_fast.ops.preference import needs_reference, preference_loss
 from rlhf_fast.trainer.base import Trainer, batch_indices, make_optimizer
 
-__all__ = ["DPOTrainer", "preference_pairs", "preflight_dpo", "sequence_logps"]
+__all__ = ["DPOTrainer", "preference_pairs", "sequence_logps"]
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
@@ -134,25 +134,3 @@ class DPOTrainer(Trainer):
         self.scheduler.step()
         return {**totals, "grad_norm": grad_norm.item(), "lr": self.scheduler.get_last_lr()[0]}
 
-
-def preflight_dpo(cfg):
-    """``rlhf-fast dpo``'s checks before any model is built (:mod:`rlhf_fast.preflight`'s order): the run
-    directory, the data path, the model directory and its tokenizer, every comparison (JSONL, a saved HF dataset
-    directory or parquet, ``cfg.columns`` mapping, chat records rendered; :mod:`rlhf_fast.data.sources`) and its
-    length against the context. Returns the preflight ``Inputs`` (tokenizer, records)."""
-    import dataclasses
-    import os
-
-    from rlhf_fast.checks import check_file, check_model_dir, context_length, load_tokenizer
-    from rlhf_fast.data.overlong import fit_to_context
-    from rlhf_fast.data.sources import read_source
-    from rlhf_fast.preflight import Inputs, check_out_dir
-    check_out_dir(cfg.out_dir)
-    if not (cfg.data and os.path.isdir(cfg.data)):
-        check_file("data", cfg.data)
-    config = check_model_dir("model", cfg.model)
-    tok = load_tokenizer("model", cfg.model, config)
-    columns = dataclasses.asdict(cfg.columns)
-    split = columns.pop("split")
-    items = read_source(cfg.data, "comparisons", columns, tok, split)
-    return Inputs(tok, fit_to_context(items, tok, context_length("model", config), cfg.overlong, cfg.data, "--model"))

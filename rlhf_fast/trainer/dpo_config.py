@@ -1,33 +1,13 @@
-"""Configs of ``rlhf-fast dpo``: :class:`DPOConfig` and its sections :class:`LoraSection` (``--lora-rank R
---lora-alpha A --lora-targets ...``) and :class:`DataColumns` (``--prompt-column ...``), in the pattern of
-:mod:`rlhf_fast.trainer.config` (fields declared with ``key``, validated when built)."""
+"""Config of ``rlhf-fast dpo``: :class:`DPOConfig`, in the pattern of :mod:`rlhf_fast.trainer.config` (fields
+declared with ``key``, validated when built; the ``lora`` and ``columns`` sections every trainer shares)."""
 from __future__ import annotations
 
 import dataclasses
 
-from rlhf_fast.trainer.config import Config, ConfigError, RunConfig, key
+from rlhf_fast.trainer.config import (ConfigError, DataColumns, LoraSection, RunConfig, columns_key, key,
+                                     lora_key)
 
 __all__ = ["DPOConfig", "DataColumns", "LoraSection"]
-
-
-@dataclasses.dataclass
-class LoraSection(Config):
-    """LoRA through peft (rlhf_fast.models.lora); the lm_head is never adapted."""
-    rank: int = key(0, "LoRA rank r (0: full fine-tuning)", ge=0)
-    alpha: float | None = key(None, "LoRA alpha (scale alpha / r; default 2 * rank)", gt=0)
-    targets: str = key("all-linear", "modules to adapt: all-linear (every linear layer but the lm_head) or "
-                       "comma-separated names (q_proj,v_proj)")
-    dropout: float = key(0.0, "LoRA dropout", ge=0, lt=1)
-
-
-@dataclasses.dataclass
-class DataColumns(Config):
-    """Source columns of the record fields (HF dataset directory, parquet or JSONL; rlhf_fast.data.sources)."""
-    prompt: str = key("prompt", "column of the prompt (a string or chat messages)")
-    completion: str = key("completion", "column of the SFT completion")
-    chosen: str = key("chosen", "column of the preferred completion")
-    rejected: str = key("rejected", "column of the rejected completion")
-    split: str = key("train", "split of a saved DatasetDict directory")
 
 
 def _preference_losses():
@@ -51,9 +31,8 @@ class DPOConfig(RunConfig):
     beta: float = key(0.1, "temperature beta (IPO: tau)", gt=0)
     label_smoothing: float = key(0.0, "cDPO label smoothing (sigmoid, simpo)", ge=0, lt=0.5)
     simpo_gamma: float = key(0.5, "SimPO target margin gamma", ge=0)
-    lora: LoraSection = key(help="LoRA adapter (--lora-rank R --lora-alpha A --lora-targets ...)",
-                            default_factory=LoraSection)
-    columns: DataColumns = key(help="data column mapping (--prompt-column ...)", default_factory=DataColumns)
+    lora: LoraSection = lora_key()
+    columns: DataColumns = columns_key()
 
     def check(self) -> None:
         if self.label_smoothing and self.loss_type not in ("sigmoid", "simpo"):

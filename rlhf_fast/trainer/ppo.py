@@ -13,13 +13,15 @@ One iteration; the algorithm lives in :mod:`rlhf_fast.algos`, the math in :mod:`
 
 The critic is a separate model (initialised from the reward model, as InstructGPT) or a value head on the
 policy's backbone (``critic="head"``: one backbone forward gives log-probs and values); the critic-free
-estimators have none. The KL coefficient is fixed or follows Ziegler's adaptive controller. Online mode
+estimators have none. A peft LoRA policy (:mod:`rlhf_fast.models.lora`) is its own reference: the base with the
+adapter disabled, no second copy of the weights; the engine then receives only its changed layers, merged. The KL coefficient is fixed or follows Ziegler's adaptive controller. Online mode
 (Ziegler): every ``online_rm_every`` iterations, sample 4 completions for ``online_comparisons`` prompts from the
 current policy, ask the labeler for the best, add the comparisons to the buffer and train the reward model for
 ``online_rm_steps`` steps.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -32,6 +34,7 @@ from rlhf_fast.algos.advantages import get_estimator
 from rlhf_fast.algos.dynamic_sampling import fill_groups
 from rlhf_fast.algos.fused_objective import fusable, fused_policy_terms, policy_head
 from rlhf_fast.data.collators import collate_prompts, collate_sft
+from rlhf_fast.models.lora import is_lora, reference_mode
 from rlhf_fast.models.policy_logprobs import policy_logprobs
 from rlhf_fast.models.reward_model import RewardModel
 from rlhf_fast.models.value_model import ValueModel
@@ -70,7 +73,8 @@ def _split(n: int, parts: int) -> tuple[torch.Tensor, ...]:
 class PPOTrainer(Trainer):
     """``PPOTrainer(config, policy, tokenizer, prompts, engine, reward_model=None, reward_fn=None, ...)``.
 
-    policy: HF causal LM (trained); the frozen reference is a copy of it at construction (or ``ref_model``).
+    policy: HF causal LM (trained); the frozen reference is a copy of it at construction (or ``ref_model``; a
+    peft LoRA policy: itself with the adapter disabled, no copy).
     prompts: prompt strings. engine: a :class:`rlhf_fast.rollout.RolloutEngine` generating from ``policy``.
     reward_model / reward_fn: r(x, y) from a :class:`RewardModel` or ``reward_fn(prompts, completions)``.
     true_score_fn: optional ``(prompts, completions) -> scores`` logged as ``true_score`` (never trained on).
@@ -104,8 +108,8 @@ class PPOTrainer(Trainer):
         self.ptx_records = ptx_records or []
         self.kl_ctl = make_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         self.use_ref = cfg.kl_coef > 0 or cfg.kl_target is not None
-        self.ref_model = None
-        if self.use_ref:
+        self.ref_model = None      # with use_ref: None means the LoRA policy's base (reference_mode)
+        if self.use_ref and (ref_model is not None or not is_lora(policy)):
             self.ref_model = ref_model if ref_model is not None else copy.deepcopy(policy)
             self.ref_model.eval().requires_grad_(False)
         if reward_model is not None:
@@ -120,7 +124,8 @@ class PPOTrainer(Trainer):
                 self.critic = ValueModel.from_reward_model(reward_model)
             else:
                 self.critic = ValueModel(copy.deepcopy(ValueModel.on_policy(policy).backbone))
-            self.critic.requires_grad_(True)
+            # a value head trains with the policy's (possibly LoRA-frozen) backbone as the policy does
+            (self.critic.head if cfg.critic == "head" else self.critic).requires_grad_(True)
         self.value_head = self.critic is not None and cfg.critic == "head"
         self.optimizer, self.scheduler = make_optimizer(actor_params, cfg.lr, cfg.warmup_steps)
         self.critic_optimizer = None
@@ -225,8 +230,11 @@ class PPOTrainer(Trainer):
         self.policy.eval()
         seq = (batch.input_ids, batch.attention_mask, batch.response_mask_full, batch.prompt_length)
         out = self.forward(*seq, policy=not self.single_pass(len(batch)))
-        ref_logp = policy_logprobs(self.ref_model, *seq[:3], temperature=cfg.temperature)[:, seq[3]:] \
-            if self.use_ref else None
+        ref_logp = None
+        if self.use_ref:
+            with reference_mode(self.policy) if self.ref_model is None else contextlib.nullcontext():
+                ref = self.policy if self.ref_model is None else self.ref_model
+                ref_logp = policy_logprobs(ref, *seq[:3], temperature=cfg.temperature)[:, seq[3]:]
         params = AdvantageParams(cfg.gamma, cfg.lam, cfg.samples_per_prompt, cfg.whiten_advantages)
         exp, stats = make_experience(batch, scores, out.logp, ref_logp, out.values, estimator=cfg.estimator,
                                      params=params, kl_coef=self.kl_ctl.value, kl_estimator=cfg.kl_estimator,
