@@ -113,6 +113,22 @@ def test_agg_loss_bad_input():
         ours.agg_loss(x, torch.ones(3, 4), "token-mean", dp_size=2)
 
 
+@pytest.mark.parametrize("mode", AGG)
+@pytest.mark.parametrize("extra", GLOBAL, ids=["local", "global", "scale-factor"])
+def test_compute_value_loss_values_and_grads(verl, mode, extra):
+    """Clipped and unclipped tokens both present (|vpreds - values| on both sides of the 0.2 clip range)."""
+    values, returns, mask = torch.randn(B, T), torch.randn(B, T), _mask()
+    ours_in, ref_in = _pair(values + torch.randn(B, T) * 0.3)
+    loss, clipfrac = ours.compute_value_loss(ours_in, returns, values, mask, 0.2, mode, **extra)
+    ref_loss, ref_clipfrac = verl.compute_value_loss(ref_in, returns, values, mask, 0.2, mode, **extra)
+    torch.testing.assert_close(loss, ref_loss, **TOL)
+    torch.testing.assert_close(clipfrac, ref_clipfrac, **TOL)
+    assert 0 < ref_clipfrac < 1
+    loss.backward()
+    ref_loss.backward()
+    torch.testing.assert_close(ours_in.grad, ref_in.grad, **TOL)
+
+
 def _policy_inputs(dtype=torch.float32):
     old = -torch.rand(B, T) * 3
     logp = old + torch.randn(B, T) * 0.3          # ratios on both sides of the clip range

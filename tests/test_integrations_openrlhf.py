@@ -60,6 +60,15 @@ def test_compute_approx_kl(utils, estimator):
     assert fast.call_counts() == {"compute_approx_kl": 1}
 
 
+def test_compute_reward(utils):
+    """The experience maker's reward shaping: -kl_coef * kl everywhere, the clipped score at the last valid token."""
+    mask = awkward_mask(B, T)
+    r, kl = torch.randn(B) * 3, torch.randn(B, T)
+    _assert_same(_both(lambda k: utils.compute_reward(r, 0.05, k, action_mask=mask, reward_clip_range=(-2.0, 2.0)),
+                       kl))
+    assert fast.call_counts() == {"compute_reward": 1}
+
+
 def test_policy_and_value_loss_modules(loss):
     torch.manual_seed(2)
     mask = awkward_mask(B, T)
@@ -102,7 +111,8 @@ def test_gae_method_matches_experience_maker():
 def test_rebinds_copies_and_disable_restores(utils, loss):
     """Modules that imported the names (openrlhf.models re-exports PolicyLoss) see ours; disable restores all."""
     models = sys.modules.get("openrlhf.models")
-    originals = {n: getattr(utils, n) for n in ("compute_approx_kl", "log_probs_from_logits", "compute_entropy")}
+    originals = {n: getattr(utils, n) for n in ("compute_approx_kl", "compute_reward", "log_probs_from_logits",
+                                                "compute_entropy")}
     policy, value = loss.PolicyLoss, loss.ValueLoss
     fast.enable()
     assert loss.PolicyLoss is not policy and issubclass(loss.PolicyLoss, torch.nn.Module)

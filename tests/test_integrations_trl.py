@@ -39,64 +39,77 @@ def _grads(*tensors):
     return [t.grad.clone() for t in tensors]
 
 
+@pytest.mark.parametrize("outputs", [("log_probs", "entropy"),
+                                     ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")])
+def test_add_fused_lm_head_model_values_and_grads(outputs):
+    """TRL's own fused forward (add_fused_lm_head, fused_lm_head=True) over a real model, with GRPO's and with
+    DPO's output sets: loss, every requested output and every parameter's gradient agree with the integration on."""
+    base = _tiny_llama()
+    ids = torch.randint(3, 97, (3, 12))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    labels[2, 9:] = -100
+    fields = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+    out = []
+    for on in (False, True):
+        model = copy.deepcopy(base)
+        trl_utils.add_fused_lm_head(model, temperature=0.9, outputs=outputs)
+        with fast.enabled() if on else torch.enable_grad():
+            res = model(input_ids=ids, labels=labels, fused_lm_head=True)
+            (res.loss + 0.1 * res.entropy.sum()).backward()
+        out.append((res.loss.detach(), {f: getattr(res, f) for f in fields},
+                    {n: p.grad for n, p in model.named_parameters()}))
+    (l0, o0, g0), (l1, o1, g1) = out
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    for f in fields:
+        assert (o1[f] is None) == (o0[f] is None) == (f not in outputs), f
+        if o0[f] is not None:
+            torch.testing.assert_close(o1[f].detach(), o0[f].detach(), rtol=1e-5, atol=1e-5, msg=f)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=name)
+    metrics = {"fused_lm_head_metrics": 1} if len(outputs) > 2 else {}
+    assert fast.call_counts() == {"fused_lm_head": 1, **metrics}
+
+
+# The output sets TRL 1.16's trainers request: GRPO/RLOO, DPO (+ WPO's log_sum_sq_probs), SFT, KTO.
+OUTPUT_SETS = [("log_probs", "entropy"), ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs"),
+               ("log_probs", "entropy", "is_top1"), ("log_probs", "entropy", "mean_logits")]
+
+
+@pytest.mark.parametrize("outputs", OUTPUT_SETS)
 @pytest.mark.parametrize("softcap,logit_scale,bias", [(None, 1.0, False), (5.0, 0.5, True), (None, 2.0, True)])
-def test_fused_head_function_matches_trl(softcap, logit_scale, bias):
-    torch.manual_seed(0)
-    N, H, V = 37, 24, 301
+def test_fused_head_function_matches_trl(outputs, softcap, logit_scale, bias):
+    """TRL's fused lm_head function with the integration on: log-probs, entropy and their gradients, and DPO's /
+    SFT's / KTO's metric outputs (mean logit, top-1 hit, log sum p^2) equal TRL's; half the targets are the
+    argmax, so is_top1 is neither all False nor all True."""
+    torch.manual_seed(2)
+    N, H, V = 41, 16, 523
     h0, w0 = torch.randn(N, H), torch.randn(V, H) * 0.3
     b0 = torch.randn(V) if bias else None
     y = torch.randint(0, V, (N,))
+    z = logit_scale * (h0 @ w0.t() + (0 if b0 is None else b0))
+    y[::2] = z.argmax(-1)[::2]
     g_lp, g_h = torch.randn(N), torch.randn(N)
     results = []
     for on in (False, True):
         h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
         b = None if b0 is None else b0.clone().requires_grad_()
         with fast.enabled() if on else torch.enable_grad():
-            lp, ent, *rest = trl_utils._ChunkedLogProbFunction.apply(h, w, b, y, 0.7, 128, softcap, logit_scale,
-                                                                     ("log_probs", "entropy"))
-        assert rest == [None, None, None]
-        ((lp * g_lp).sum() + (ent * g_h).sum()).backward()
-        results.append([lp.detach(), ent.detach()] + _grads(h, w) + ([] if b is None else _grads(b)))
-    for ours, theirs in zip(results[1], results[0]):
-        torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=2e-5)
-    assert fast.call_counts() == {"fused_lm_head": 1}
-
-
-def test_add_fused_lm_head_model_values_and_grads():
-    """TRL's own fused forward (add_fused_lm_head, fused_lm_head=True) over a real model: loss, log-probs,
-    entropy and every parameter's gradient agree with the integration on."""
-    base = _tiny_llama()
-    ids = torch.randint(3, 97, (3, 12))
-    labels = ids.clone()
-    labels[:, :4] = -100
-    labels[2, 9:] = -100
-    out = []
-    for on in (False, True):
-        model = copy.deepcopy(base)
-        trl_utils.add_fused_lm_head(model, temperature=0.9, outputs=("log_probs", "entropy"))
-        with fast.enabled() if on else torch.enable_grad():
-            res = model(input_ids=ids, labels=labels, fused_lm_head=True)
-            (res.loss + 0.1 * res.entropy.sum()).backward()
-        out.append((res.loss.detach(), res.log_probs.detach(), res.entropy.detach(),
-                    {n: p.grad for n, p in model.named_parameters()}))
-    (l0, lp0, e0, g0), (l1, lp1, e1, g1) = out
-    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(lp1, lp0, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(e1, e0, rtol=1e-5, atol=1e-5)
-    for name in g0:
-        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=name)
-    assert fast.call_counts() == {"fused_lm_head": 1}
-
-
-def test_extra_outputs_fall_back_to_trl():
-    """SFT's is_top1 / DPO's mean_logits are TRL's own: the whole call goes to TRL, counted as a fallback."""
-    h, w, y = torch.randn(5, 8), torch.randn(11, 8), torch.randint(0, 11, (5,))
-    with fast.enabled():
-        got = trl_utils._ChunkedLogProbFunction.apply(h, w, None, y, 1.0, 64, None, 1.0, ("log_probs", "is_top1"))
-    want = ORIGINAL.apply(h, w, None, y, 1.0, 64, None, 1.0, ("log_probs", "is_top1"))
-    torch.testing.assert_close(got[0], want[0])
-    assert torch.equal(got[4], want[4])
-    assert fast.call_counts() == {"fused_lm_head_fallback": 1}
+            got = trl_utils._ChunkedLogProbFunction.apply(h, w, b, y, 0.8, 128, softcap, logit_scale, outputs)
+        ((got[0] * g_lp).sum() + (got[1] * g_h).sum()).backward()
+        results.append(([x.detach() if x is not None else None for x in got],
+                        _grads(h, w) + ([] if b is None else _grads(b))))
+    (ours, ours_g), (theirs, theirs_g) = results[1], results[0]
+    for name, a, b_ in zip(trl.kernels.chunked_logprob.OPTIONAL_OUTPUTS, ours[1:], theirs[1:]):
+        assert (a is None) == (name not in outputs), name
+        if a is not None and a.dtype == torch.bool:
+            assert torch.equal(a, b_) and a.any() and not a.all(), name
+        elif a is not None:
+            torch.testing.assert_close(a, b_, rtol=2e-5, atol=2e-5, msg=name)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=2e-5, atol=2e-5)
+    for a, b_ in zip(ours_g, theirs_g):
+        torch.testing.assert_close(a, b_, rtol=2e-5, atol=2e-5)
+    assert fast.call_counts() == {"fused_lm_head": 1, **({"fused_lm_head_metrics": 1} if len(outputs) > 2 else {})}
 
 
 def test_logits_helpers_routed_through_compat():
@@ -144,16 +157,17 @@ def test_changed_private_name_raises(monkeypatch):
     assert not any(getattr(trl_utils, n) is not f for n, f in HELPERS.items())
 
 
-def _grpo_step(base, tok, prompts):
+def _grpo_step(base, tok, prompts, beta, num_iterations):
     """One GRPOTrainer.train() step (SGD, so the parameter change is lr * gradient); returns the training loss,
-    the sum of the policy log-probs TRL computed, and the parameters' change."""
+    the sum of the policy log-probs TRL computed, and the parameters' change. ``beta > 0`` adds the reference
+    model's log-probs, ``num_iterations > 1`` the old policy's (both through the fused lm_head)."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
     model = copy.deepcopy(base)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="test_integrations_trl_"), per_device_train_batch_size=4,
                       gradient_accumulation_steps=1, num_generations=2, max_completion_length=6, max_steps=1,
-                      learning_rate=0.5, optim="sgd", beta=0.0, num_iterations=1, use_cpu=True, report_to="none",
+                      learning_rate=0.5, optim="sgd", beta=beta, num_iterations=num_iterations, use_cpu=True, report_to="none",
                       save_strategy="no", logging_strategy="no", disable_tqdm=True, bf16=False, temperature=0.7,
                       dataloader_num_workers=0, seed=0)
     reward = lambda prompts, completions, **kw: [float(len(c) % 7) for c in completions]
@@ -170,21 +184,26 @@ def _grpo_step(base, tok, prompts):
 
 
 @pytest.mark.slow
-def test_grpo_trainer_step_same_with_and_without():
+@pytest.mark.parametrize("beta,num_iterations,calls", [(0.0, 1, 1), (0.05, 2, 3)])
+def test_grpo_trainer_step_same_with_and_without(beta, num_iterations, calls, tmp_path):
+    """Every log-prob of the step runs on rlhf_fast: the policy's (forward and backward), and with beta > 0 and
+    num_iterations > 1 also the reference model's and the old policy's, ``calls`` fused lm_head calls in all."""
     from rlhf_fast.data import SortTask, build_tokenizer
     task = SortTask()
     tok = build_tokenizer(task.corpus())
     base = _tiny_llama(vocab=len(tok))
+    base.save_pretrained(tmp_path)                        # safetensors; TRL builds the reference model from it
+    base.config._name_or_path = str(tmp_path)
     prompts = task.prompts(2, seed=0) * 2
     threads = torch.get_num_threads()
     torch.set_num_threads(1)            # a tiny model: one thread is faster, and immune to a busy machine
     try:
-        loss0, sums0, delta0 = _grpo_step(base, tok, prompts)
+        loss0, sums0, delta0 = _grpo_step(base, tok, prompts, beta, num_iterations)
         with fast.enabled():
-            loss1, sums1, delta1 = _grpo_step(base, tok, prompts)
+            loss1, sums1, delta1 = _grpo_step(base, tok, prompts, beta, num_iterations)
     finally:
         torch.set_num_threads(threads)
-    assert fast.call_counts().get("fused_lm_head", 0) >= 1
+    assert fast.call_counts() == {"fused_lm_head": calls}     # nothing left on TRL's kernel
     assert abs(loss1 - loss0) <= 1e-5 * max(1.0, abs(loss0))
     torch.testing.assert_close(sums1, sums0, rtol=1e-5, atol=1e-4)
     moved = max(d.abs().max().item() for d in delta0.values())

@@ -123,6 +123,31 @@ def test_registered_policy_loss_matches_vanilla(core):
     assert fast.call_counts() == {"rlhf_fast_vanilla": 1}
 
 
+@pytest.mark.parametrize("name", ["k1", "abs", "k2", "low_var_kl", "k3+"])
+def test_kl_penalty_and_value_loss_through_verls_loss_module(core, name):
+    """verl's worker losses import ``kl_penalty`` and ``compute_value_loss`` by name: with the integration on,
+    those names (and core_algos') run rlhf_fast with verl's values and gradients."""
+    losses = verl_module("workers.utils.losses")
+    torch.manual_seed(4)
+    mask = awkward_mask(B, T).bool()
+    logp0, ref = -torch.rand(B, T) * 2, -torch.rand(B, T) * 2
+    v0, old_v, ret = torch.randn(B, T), torch.randn(B, T), torch.randn(B, T)
+    vpred0 = old_v + 0.3 * torch.randn(B, T)
+    results = []
+    for on in (False, True):
+        logp, vpred = logp0.clone().requires_grad_(), vpred0.clone().requires_grad_()
+        with fast.enabled() if on else torch.enable_grad():
+            assert (losses.kl_penalty is core.kl_penalty) and (losses.compute_value_loss is core.compute_value_loss)
+            kl = losses.kl_penalty(logprob=logp, ref_logprob=ref, kl_penalty=name)
+            vf, clipfrac = losses.compute_value_loss(vpreds=vpred, values=old_v, returns=ret, response_mask=mask,
+                                                     cliprange_value=0.2, loss_agg_mode="token-mean")
+        ((kl * mask).sum() + vf).backward()
+        results.append((kl.detach(), vf.detach(), clipfrac, logp.grad, vpred.grad))
+    for g, w in zip(results[1], results[0]):
+        torch.testing.assert_close(g, w, **TOL)
+    assert fast.call_counts() == {"kl_penalty": 1, "compute_value_loss": 1}
+
+
 def test_fused_linear_hook_matches_verl():
     """verl's patched model forward imports FusedLinearForPPO at call time: with the integration on that name is
     ours, with verl's log-probs, entropy and gradients."""
@@ -146,13 +171,14 @@ def test_fused_linear_hook_matches_verl():
 
 def test_disable_restores_exactly(core):
     adv_before, loss_before = dict(core.ADV_ESTIMATOR_REGISTRY), dict(core.POLICY_LOSS_REGISTRY)
-    gae_before = core.compute_gae_advantage_return
+    named = {n: getattr(core, n) for n in ("compute_gae_advantage_return", "kl_penalty", "compute_value_loss")}
     fast.enable()
+    assert all(getattr(core, n) is not f for n, f in named.items())
     assert set(fast.ADV_ESTIMATORS) <= set(core.ADV_ESTIMATOR_REGISTRY)
     assert "rlhf_fast_vanilla" in core.POLICY_LOSS_REGISTRY
     fast.disable()
     assert core.ADV_ESTIMATOR_REGISTRY == adv_before and core.POLICY_LOSS_REGISTRY == loss_before
-    assert core.compute_gae_advantage_return is gae_before
+    assert all(getattr(core, n) is f for n, f in named.items())
 
 
 def test_untested_version_raises_and_patches_nothing(core, monkeypatch):

@@ -25,9 +25,10 @@ from rlhf_fast.ops.agg import GLOBAL_BATCH_KEYS, aggregate, global_batch_scale
 from rlhf_fast.ops.gae import gae
 from rlhf_fast.ops.kl import kl_penalty as _kl_penalty
 from rlhf_fast.ops.policy_loss import ppo_policy_loss
+from rlhf_fast.ops.value_loss import ppo_value_loss
 
 __all__ = ["compute_gae_advantage_return", "kl_penalty", "agg_loss", "compute_policy_loss",
-           "compute_policy_loss_vanilla", "masked_whiten"]
+           "compute_policy_loss_vanilla", "compute_value_loss", "masked_whiten"]
 
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 _KL_NAMES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
@@ -124,3 +125,19 @@ def compute_policy_loss_vanilla(old_log_prob: torch.Tensor, log_prob: torch.Tens
     metrics = {"actor/pg_clipfrac": stats["clipfrac"].item(), "actor/ppo_kl": stats["approx_kl"].item(),
                "actor/pg_clipfrac_lower": stats["clipfrac_lower"].item()}
     return loss, metrics
+
+
+def compute_value_loss(vpreds: torch.Tensor, returns: torch.Tensor, values: torch.Tensor,
+                       response_mask: torch.Tensor, cliprange_value: float, loss_agg_mode: str = "token-mean",
+                       dp_size: int = 1, batch_num_tokens: Optional[int] = None,
+                       global_batch_size: Optional[int] = None, loss_scale_factor: Optional[int] = None):
+    """verl's clipped value loss: ``(vf_loss, vf_clipfrac)``, 0-dim fp32, vf_loss differentiable wrt ``vpreds``::
+
+        vf_loss = 0.5 * agg_loss(max((vpreds - R)^2, (clamp(vpreds, values -+ cliprange_value) - R)^2))
+
+    on the fused ``rlhf_fast.ops.ppo_value_loss`` (verl's global-batch arguments as in :func:`agg_loss`)."""
+    check_choice("loss_agg_mode", loss_agg_mode, AGG_MODES)
+    mask = check_mask("response_mask", response_mask, vpreds.shape)
+    loss, stats = ppo_value_loss(vpreds, values, returns, mask, clip=cliprange_value, agg=loss_agg_mode)
+    scale = global_batch_scale(mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
+    return loss * scale, stats["vf_clipfrac"]

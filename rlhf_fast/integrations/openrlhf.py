@@ -11,6 +11,7 @@ OpenRLHF 0.11.2 name                                           becomes
 ``models.utils.log_probs_from_logits`` (``Actor.forward``)      ``compat.trl.selective_log_softmax``
 ``models.utils.compute_entropy`` (``Actor.forward``)            ``compat.trl.entropy_from_logits``
 ``models.utils.compute_approx_kl`` (experience maker, actor)    ``compat.openrlhf.compute_approx_kl``
+``models.utils.compute_reward`` (experience maker)              ``compat.openrlhf.compute_reward``
 ``models.loss.PolicyLoss`` (``PPOActor``)                       ``compat.openrlhf.PolicyLoss``
 ``models.loss.ValueLoss`` (``PPOCritic``)                       ``compat.openrlhf.ValueLoss``
 ``RemoteExperienceMaker.get_advantages_and_returns`` (GAE)      ``compat.openrlhf.get_advantages_and_returns``
@@ -48,6 +49,7 @@ def _patches() -> list[Patch]:
     patches = [Patch(utils, "log_probs_from_logits", count("log_probs_from_logits", compat_trl.selective_log_softmax)),
                Patch(utils, "compute_entropy", count("compute_entropy", compat_trl.entropy_from_logits)),
                Patch(utils, "compute_approx_kl", count("compute_approx_kl", compat.compute_approx_kl)),
+               Patch(utils, "compute_reward", count("compute_reward", compat.compute_reward)),
                Patch(loss, "PolicyLoss", _INTEGRATION.counted_module("PolicyLoss", compat.PolicyLoss)),
                Patch(loss, "ValueLoss", _INTEGRATION.counted_module("ValueLoss", compat.ValueLoss))]
     _skipped.clear()

@@ -11,9 +11,14 @@ time. This integration replaces that one private name (the only one it touches; 
     logp_n = s[n, y_n] - logsumexp(s[n])        H_n = logsumexp(s[n]) - sum_j p_nj s_nj      (fp32, [N] each)
 
 with ``rlhf_fast.ops.linear_logprobs`` (``logit_scale`` folded into h and b; the autocast dtype, when autocast is
-on, as the compute dtype, as TRL does). Calls that request the other outputs (``log_sum_sq_probs``,
-``mean_logits``, ``is_top1``: DPO's and SFT's metrics) or whose head is a ZeRO-3 partitioned parameter go to
-TRL's own function, counted as ``fused_lm_head_fallback``.
+on, as the compute dtype, as TRL does). The metric outputs DPO, KTO and SFT request (no gradient) come from one
+more pass over the logits tiles (:func:`metric_outputs`: one extra forward matmul, counted as
+``fused_lm_head_metrics``)::
+
+    log_sum_sq_probs_n = log sum_j p_nj^2      mean_logits_n = mean_j s_nj      is_top1_n = (y_n = argmax_j s_nj)
+
+A call whose head is a ZeRO-3 partitioned parameter goes to TRL's own function, counted as
+``fused_lm_head_fallback``.
 
 The logits-based public helpers of ``trl.trainer.utils`` (``selective_log_softmax``,
 ``selective_log_softmax_and_entropy``, ``entropy_from_logits``; TRL's experimental trainers import them by name)
@@ -29,17 +34,59 @@ import torch
 
 from rlhf_fast.compat import trl as compat
 from rlhf_fast.integrations._patch import Integration, Patch
-from rlhf_fast.ops.linear_logprob import linear_logprobs
+from rlhf_fast.ops.linear_logprob import _scratch, _tile_logits, default_tile, linear_logprobs
 
-__all__ = ["enable", "disable", "enabled", "call_counts", "reset_counts", "FusedLMHead", "SUPPORTED"]
+__all__ = ["enable", "disable", "enabled", "call_counts", "reset_counts", "FusedLMHead", "metric_outputs", "SUPPORTED"]
 
 SUPPORTED = ">=1.16.0,<1.17"
 # The private name and the argument list of its forward, as in TRL 1.16's trl/kernels/chunked_logprob.py.
 _PRIVATE = "_ChunkedLogProbFunction"
 _FORWARD_ARGS = ("ctx", "hidden", "weight", "bias", "targets", "temperature", "chunk_size",
                  "final_logit_softcapping", "logit_scale", "outputs")
-_OURS = {"log_probs", "entropy"}
+_METRICS = ("log_sum_sq_probs", "mean_logits", "is_top1")
 _HELPERS = ("selective_log_softmax", "selective_log_softmax_and_entropy", "entropy_from_logits")
+
+
+@torch.no_grad()
+def metric_outputs(hidden, weight, bias, targets, logp, temperature, softcap, outputs):
+    """TRL's metric outputs (fp32 / bool ``[N]``, None unless in ``outputs``) from hidden ``[N, H]``, weight
+    ``[V, H]``, bias, targets ``[N]`` and the fused op's ``logp`` ``[N]``, in one pass over logits tiles ``s``
+    (soft-capped, divided by the temperature). ``lse = s_y - logp`` with ``s_y`` the target's logit, so::
+
+        log_sum_sq_probs = log sum_j exp(2 (s_j - lse))     mean_logits = sum_j s_j / V
+        is_top1 = s_y >= max_j s_j  and  s_y > max_{j < y} s_j      (argmax takes the first maximum)
+    """
+    N, V = hidden.shape[0], weight.shape[0]
+    rows, cols = default_tile(N, V, hidden.device)
+    s_y = torch.einsum("nh,nh->n", hidden.float(), weight[targets].float())
+    if bias is not None:
+        s_y += bias[targets].float()
+    if softcap is not None:
+        s_y = softcap * torch.tanh(s_y / softcap)
+    lse = s_y / temperature - logp.float()
+    sq, z_sum = lse.new_zeros(N), lse.new_zeros(N)
+    top, before, target = (lse.new_full((N,), float("-inf")) for _ in range(3))
+    buf = hidden.new_empty(rows, cols)
+    for r0 in range(0, N, rows):
+        r1 = min(r0 + rows, N)
+        local = targets[r0:r1, None]
+        for v0 in range(0, V, cols):
+            v1 = min(v0 + cols, V)
+            z = _tile_logits(hidden[r0:r1], weight, bias, softcap, v0, v1, _scratch(buf, r1 - r0, v1 - v0))
+            z = z.float().div_(temperature)
+            col = torch.arange(v0, v1, device=z.device)
+            if "log_sum_sq_probs" in outputs:
+                sq[r0:r1] += torch.exp(2 * (z - lse[r0:r1, None])).sum(-1)
+            if "mean_logits" in outputs:
+                z_sum[r0:r1] += z.sum(-1)
+            if "is_top1" in outputs:
+                top[r0:r1] = torch.maximum(top[r0:r1], z.amax(-1))
+                before[r0:r1] = torch.maximum(before[r0:r1], z.masked_fill(col >= local, float("-inf")).amax(-1))
+                hit = z.masked_fill(col != local, float("-inf")).amax(-1)
+                target[r0:r1] = torch.maximum(target[r0:r1], hit)
+    return (torch.log(sq) if "log_sum_sq_probs" in outputs else None,
+            z_sum / V if "mean_logits" in outputs else None,
+            (target >= top) & (target > before) if "is_top1" in outputs else None)
 
 
 class FusedLMHead:
@@ -50,8 +97,8 @@ class FusedLMHead:
 
     def apply(self, hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
               logit_scale=1.0, outputs=("log_probs",)):
-        """TRL's ``(logprobs, entropy, log_sum_sq_probs, mean_logits, is_top1)``; the last three are None."""
-        if set(outputs) - _OURS or hasattr(weight, "ds_id"):
+        """TRL's ``(logprobs, entropy, log_sum_sq_probs, mean_logits, is_top1)``, None where not requested."""
+        if hasattr(weight, "ds_id"):
             _INTEGRATION.count("fused_lm_head_fallback")
             return self.original.apply(hidden, weight, bias, targets, temperature, chunk_size,
                                        final_logit_softcapping, logit_scale, outputs)
@@ -66,8 +113,13 @@ class FusedLMHead:
                 bias = None if bias is None else bias * logit_scale
             out = linear_logprobs(hidden, weight, targets, bias, temperature=temperature,
                                   return_entropy="entropy" in outputs, softcap=final_logit_softcapping)
-        logp, entropy = out if "entropy" in outputs else (out, None)
-        return logp, entropy, None, None, None
+            logp, entropy = out if "entropy" in outputs else (out, None)
+            metrics = (None, None, None)
+            if set(outputs) & set(_METRICS):
+                _INTEGRATION.count("fused_lm_head_metrics")
+                metrics = metric_outputs(hidden.detach(), weight.detach(), None if bias is None else bias.detach(),
+                                         targets, logp.detach(), temperature, final_logit_softcapping, outputs)
+        return (logp, entropy, *metrics)
 
 
 def _patches() -> list[Patch]:

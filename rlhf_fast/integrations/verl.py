@@ -16,6 +16,11 @@ GAE: verl's ``compute_advantage`` calls ``core_algos.compute_gae_advantage_retur
 registry route does not pass the values), so that name and the ``gae`` registry entry become
 ``compat.verl.compute_gae_advantage_return``: ``adv_estimator=gae`` runs the fused GAE.
 
+KL and value loss have no registry in verl 0.9.1: ``core_algos.kl_penalty`` (the trainer's ``apply_kl_penalty``
+and the actor's KL loss, every ``kl_penalty`` / ``kl_loss_type`` name) and ``core_algos.compute_value_loss``
+(the critic's loss) become ``compat.verl``'s, also in the verl modules that imported them by name
+(``verl.workers.utils.losses``). ``agg_loss`` stays verl's (a masked sum; nothing to fuse on its own).
+
 The fused log-prob hook of verl's actor (``use_fused_kernels=True``, torch backend): verl's patched model forward
 imports ``verl.utils.experimental.torch_functional.FusedLinearForPPO`` at call time; that name becomes
 :class:`FusedLinearForPPO` (``rlhf_fast.ops.linear_logprobs`` with entropy). Grouped estimators take verl's
@@ -115,6 +120,8 @@ def _patches() -> list[Patch]:
                for name, fn in POLICY_LOSSES.items()]
             + [Patch(core_algos, "compute_gae_advantage_return", gae),
                Patch(core_algos.ADV_ESTIMATOR_REGISTRY, "gae", gae),
+               Patch(core_algos, "kl_penalty", count("kl_penalty", compat.kl_penalty)),
+               Patch(core_algos, "compute_value_loss", count("compute_value_loss", compat.compute_value_loss)),
                Patch(torch_functional, "FusedLinearForPPO", FusedLinearForPPO)])
 
 
