@@ -15,13 +15,16 @@ takes minutes.
   reference forward every step, its tiled fused lm_head), all pairs in one micro-batch.
 - ``trl-accum8``: the same with our micro-batching (``gradient_accumulation_steps=8`` micro-batches), so the
   memory comparison does not hinge on micro-batching alone.
+  At the full size ``trl`` (one micro-batch) is left out: it materialises the [32768, 32000] fp32 logits of all
+  128 sequences (4.2 GB each) several times over (its ``--quick`` peak, 5.6 GB at 4,096 tokens, scales to an estimated ~35 GB
+  at 32,768), beyond this 24 GiB machine; ``trl-accum8`` is TRL's DPOTrainer at that size.
 - ``liger``: the HF backbone gives the policy's hidden states (and a reference copy's, no grad) for all 128
   sequences, ``LigerFusedLinearDPOLoss`` (chunked fused linear + DPO loss, ``compiled=False`` on CPU) on them,
   backward, AdamW step.
 peak_mb is the whole process's peak resident memory during one step after a warm-up one
 (``memory_scope="process"``: models, reference copies, optimizer state and activations all count), each impl
-in a fresh process that builds only its own trainer. Even ``--quick`` runs several steps of a 50M model on
-32,768 tokens per impl: tens of minutes on 2 CPU cores.
+in a fresh process that builds only its own trainer. Both sizes time one step after a warm-up one (a full-size
+step of a 50M model on 32,768 tokens takes minutes on 2 CPU cores; the memory probe runs two more).
 """
 from __future__ import annotations
 
@@ -141,10 +144,11 @@ def cases(quick: bool, device: str) -> list[Case]:
     pairs, tokens = size[0], size[1] + size[2]
     impls = {"rlhf_fast": lazy_impl("rlhf_fast", lambda: _ours_inputs(size), _ours)}
     if importlib.util.find_spec("trl") is not None:
-        impls["trl"] = lazy_impl("trl", lambda: _trl_inputs(size, 1), _trl)
+        if quick:                                      # full size: beyond this machine's memory (docstring)
+            impls["trl"] = lazy_impl("trl", lambda: _trl_inputs(size, 1), _trl)
         impls[f"trl-accum{ACCUM}"] = lazy_impl(f"trl-accum{ACCUM}", lambda: _trl_inputs(size, ACCUM), _trl)
     if importlib.util.find_spec("liger_kernel") is not None:
         impls["liger"] = lazy_impl("liger", lambda: _liger_inputs(size), _liger)
     return [Case(name=f"M50xP{pairs}xT{tokens}", make_inputs=dict, impls=impls, tokens=2 * pairs * tokens,
-                 flops=_flops(pairs, tokens), min_reps=1 if quick else 2, budget_s=0.0, memory_scope="process",
+                 flops=_flops(pairs, tokens), min_reps=1, budget_s=0.0, memory_scope="process",
                  row_extra=_row_extra, size_label="pairs x tokens")]
