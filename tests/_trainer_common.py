@@ -26,6 +26,21 @@ def strip_timings(records):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
 
 
+def assert_same_update(a: tuple, b: tuple, atol: float = 1e-4) -> None:
+    """Two updates' ``(params, grads, stats)`` agree: the last minibatch's gradients to fp32 rounding, the
+    parameters to ``atol`` (Adam turns the rounding of near-zero gradients into ~1e-3..1e-2 of a step at lr 1e-2),
+    the stats to 1e-4 relative."""
+    (p1, g1, s1), (p0, g0, s0) = a, b
+    assert len(g1) == len(g0) > 0
+    for x, y in zip(g1, g0):
+        assert (x - y).abs().max() <= 1e-4 * y.abs().max() + 1e-9
+    for x, y in zip(p1, p0):
+        torch.testing.assert_close(x, y, rtol=0, atol=atol)
+    assert s1.keys() == s0.keys()
+    for key in s0:
+        assert s1[key] == pytest.approx(s0[key], rel=1e-4, abs=1e-6), key
+
+
 def params_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 

@@ -43,6 +43,18 @@ class Experience:
         return dataclasses.replace(self, **{f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self)
                                             if isinstance(getattr(self, f.name), torch.Tensor)})
 
+    def trim(self) -> "Experience":
+        """The same rows without the columns no row uses: the prompt's all-padding leading columns and the
+        response's all-padding trailing ones. Exact: positions count real tokens, attention is masked and causal,
+        and masked response positions carry no weight. Response tensors ``[b, R']``, R' the longest response."""
+        lead = int(self.prompt_len - self.attention_mask[:, :self.prompt_len].sum(1).max())
+        width = max(int(self.mask.sum(1).max()), 1)
+        P = self.prompt_len
+        seq = ("input_ids", "attention_mask", "response_mask_full")
+        cut = {f.name: (v[:, lead:P + width] if f.name in seq else v[:, :width])
+               for f in dataclasses.fields(self) if isinstance(v := getattr(self, f.name), torch.Tensor)}
+        return dataclasses.replace(self, prompt_len=P - lead, **cut)
+
 
 def make_experience(batch: RolloutBatch, scores: torch.Tensor, old_logp: torch.Tensor | None,
                     ref_logp: torch.Tensor | None, values: torch.Tensor | None, *, estimator: str,

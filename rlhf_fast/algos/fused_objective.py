@@ -3,7 +3,7 @@
 ::
 
     L_policy - entropy_coef * H = ops.linear_ppo_objective(h, W, y, old_logp, A, mask, agg=cfg.loss_agg,
-                                                           loss_scale=ops.agg.global_batch_scale(mask, agg, totals))
+                                                           loss_scale=ops.agg.totals_scale(mask, agg, totals))
 
 with ``h`` the policy's last hidden states before each response token (``[b, R, H]``, the model's logit transforms
 folded in by :func:`rlhf_fast.models.policy_logprobs.lm_head_inputs`) and ``y`` the response tokens. The same
@@ -19,7 +19,7 @@ import torch
 
 from rlhf_fast.algos.experience import Experience
 from rlhf_fast.models.policy_logprobs import decoder_hidden, lm_head_inputs
-from rlhf_fast.ops.agg import global_batch_scale
+from rlhf_fast.ops.agg import totals_scale
 from rlhf_fast.ops.linear_ppo import FUSED_AGG_MODES, linear_ppo_objective
 
 
@@ -51,7 +51,7 @@ def fused_policy_terms(cfg, exp: Experience, head: PolicyHead, totals: tuple[int
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(L_policy - entropy_coef * H, logp [b, R], entropy [b, R] or None)`` of micro-batch ``exp``, normalised
     by its minibatch's ``totals``; logp/entropy detached, for the stats and the mismatch guard."""
-    scale = global_batch_scale(exp.mask, cfg.loss_agg, batch_num_tokens=totals[0], global_batch_size=totals[1])
+    scale = totals_scale(exp.mask, cfg.loss_agg, totals)
     loss, _, logp, ent = linear_ppo_objective(
         head.hidden, head.weight, head.labels, exp.old_logp, exp.advantages, exp.mask, bias=head.bias,
         clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, entropy_coef=cfg.entropy_coef,

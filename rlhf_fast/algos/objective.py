@@ -24,7 +24,7 @@ import torch
 from rlhf_fast import ops
 from rlhf_fast.algos.experience import Experience
 from rlhf_fast.algos.policy_losses import get_policy_loss
-from rlhf_fast.ops.agg import aggregate, global_batch_scale
+from rlhf_fast.ops.agg import aggregate, totals_scale
 
 
 class Outputs(NamedTuple):
@@ -37,14 +37,15 @@ class Outputs(NamedTuple):
     def detach(self) -> "Outputs":
         return Outputs(*(None if t is None else t.detach() for t in self))
 
+    def pad_to(self, width: int) -> "Outputs":
+        """The response-aligned tensors right-padded with zeros to ``width`` columns (ptx unchanged)."""
+        pad = lambda t: None if t is None else torch.nn.functional.pad(t, (0, width - t.shape[1]))
+        return Outputs(pad(self.logp), pad(self.entropy), pad(self.values), self.ptx_logp)
+
     @staticmethod
     def cat(outs: list["Outputs"]) -> "Outputs":
         """Row-wise concatenation of micro-batch outputs (in micro-batch order)."""
         return Outputs(*(None if ts[0] is None else torch.cat(ts) for ts in zip(*outs)))
-
-
-def _scale(mask: torch.Tensor, agg: str, totals: tuple[int, int]):
-    return global_batch_scale(mask, agg, batch_num_tokens=totals[0], global_batch_size=totals[1])
 
 
 def _policy_terms(cfg, exp: Experience, out: Outputs, scale) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -77,7 +78,7 @@ def ppo_objective(cfg, exp: Experience, out: Outputs, totals: tuple[int, int], p
     policy and entropy stats are then left to a pass without it (the trainer's whole-minibatch stats).
     """
     agg, mask = cfg.loss_agg, exp.mask
-    scale = _scale(mask, agg, totals)
+    scale = totals_scale(mask, agg, totals)
     loss, stats = (policy_term, {}) if policy_term is not None else _policy_terms(cfg, exp, out, scale)
     if out.values is not None:
         value, vstats = ops.ppo_value_loss(out.values, exp.values, exp.returns, mask, clip=cfg.value_clip, agg=agg)
@@ -85,7 +86,7 @@ def ppo_objective(cfg, exp: Experience, out: Outputs, totals: tuple[int, int], p
         loss = loss + cfg.vf_coef * value
         stats.update({"value_loss": value.detach(), **{f"value_{k}": v for k, v in vstats.items()}})
     if out.ptx_logp is not None:
-        ptx = -aggregate(out.ptx_logp, ptx_mask, agg) * _scale(ptx_mask, agg, ptx_totals)
+        ptx = -aggregate(out.ptx_logp, ptx_mask, agg) * totals_scale(ptx_mask, agg, ptx_totals)
         stats["ptx_loss"] = ptx.detach()
         loss = loss + cfg.ptx_coef * ptx
     return loss, stats

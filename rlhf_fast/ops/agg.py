@@ -70,6 +70,13 @@ def batch_totals(mask: torch.Tensor) -> tuple[int, int]:
     return int(mask.sum()), int(mask.any(-1).sum())
 
 
+def totals_scale(mask: torch.Tensor, agg: str, totals: tuple[int, ...]):
+    """``global_batch_scale`` of the piece ``mask`` by its batch's ``totals``: ``(N, S)``, or ``(N, S, T)`` with T
+    the batch's mask width, which keeps "seq-mean-token-sum-norm"'s constant for pieces cut narrower."""
+    return global_batch_scale(mask, agg, batch_num_tokens=totals[0], global_batch_size=totals[1],
+                              loss_scale_factor=totals[2] if len(totals) > 2 else None)
+
+
 def global_batch_scale(mask: torch.Tensor, agg: str, dp_size: int = 1, batch_num_tokens=None,
                        global_batch_size=None, loss_scale_factor=None):
     """Factor turning mode ``agg`` on the piece ``mask`` (bool ``[B, T]``) into the normalisation by the global

@@ -386,6 +386,8 @@ class PPOConfig(RunConfig):
     ppo_epochs: int = key(2, "passes over each iteration's rollouts", ge=1)
     minibatch_size: int = key(16, "rollouts per optimizer step", ge=1)
     grad_accum: int = key(1, "micro-batches per minibatch", ge=1)
+    group_by_length: bool = key(True, "micro-batches of rows sorted by response length, each cut to its own longest "
+                                "prompt and response (exact: every micro-batch is normalised by its minibatch)")
     clip_low: float = key(0.2, "ratio clip below: 1 - clip_low", ge=0, lt=1)
     clip_high: float = key(0.2, "ratio clip above: 1 + clip_high", ge=0)
     policy_loss: str = key("vanilla", "policy loss: vanilla (clipped PPO, token ratio) or gspo (sequence ratio)",

@@ -275,11 +275,15 @@ class PPOTrainer(Trainer):
 
     def accumulate(self, mb: Experience, step: int, ptx: dict | None = None) -> tuple[dict, Outputs]:
         """Forward and backward of minibatch ``mb`` (and its ptx batch) in ``grad_accum`` micro-batches, each
-        normalised by the minibatch's totals, so the accumulated gradient is the minibatch's. Returns the
+        normalised by the minibatch's totals ``(N, S, width)``, so the accumulated gradient is the minibatch's.
+        ``group_by_length``: rows sorted by response length, each micro-batch cut to its own longest prompt and
+        response (Experience.trim), so a micro-batch of short rows runs short sequences. Returns the
         objective's stats on the whole minibatch (floats) and the detached outputs (rows in ``mb``'s order)."""
         cfg = self.config
-        totals = batch_totals(mb.mask)
-        micros = _split(len(mb), cfg.grad_accum)
+        width = mb.mask.shape[1]
+        totals = (*batch_totals(mb.mask), width)
+        order = torch.argsort(mb.mask.sum(1), stable=True) if cfg.group_by_length else torch.arange(len(mb))
+        micros = [order[m] for m in _split(len(mb), cfg.grad_accum)]
         ptx_mask = ptx_totals = None
         ptx_micros = [None] * len(micros)
         if ptx is not None:    # the ptx batch, cut into as many micro-batches, with its own totals
@@ -287,7 +291,7 @@ class PPOTrainer(Trainer):
             ptx_micros = _split(len(ptx_mask), len(micros))
         outs = []
         for micro, pr in zip(micros, ptx_micros):
-            piece = mb.rows(micro)
+            piece = mb.rows(micro).trim() if cfg.group_by_length else mb.rows(micro)
             entropy, term = cfg.entropy_coef > 0 or cfg.log_entropy, None
             if self.uses_fused_objective():
                 out, term = self.fused_forward(piece, totals, entropy)
@@ -301,8 +305,10 @@ class PPOTrainer(Trainer):
                                     policy_term=term)
             self.check_finite(step, loss=loss)
             loss.backward()
-            outs.append(out.detach())
+            outs.append(out.detach().pad_to(width))
         whole = Outputs.cat(outs)
+        inv = torch.argsort(order)     # back to mb's row order (the ptx rows keep theirs)
+        whole = whole._replace(**{k: v[inv] for k, v in whole._asdict().items() if v is not None and k != "ptx_logp"})
         with torch.no_grad():
             _, stats = ppo_objective(cfg, mb, whole, totals, ptx_mask, ptx_totals)
         return {k: float(v) for k, v in stats.items()}, whole
