@@ -131,12 +131,17 @@ def _row_extra(impl: str, inputs: dict) -> dict:
 
 
 def _flops(pairs: int, tokens: int) -> float:
-    """6 N per trained token (forward + backward) over the 2 x pairs sequences, N = parameters."""
+    """Forward + backward matmul FLOPs of the 2 x pairs trained sequences: 6 N per token, N = the parameters of
+    the linear layers and the lm_head (the input embedding is a lookup, no FLOPs), plus causal attention,
+    6 L H T per token (QK^T and AV: 4 L H T forward over the full square, half of it causal, x3 with backward)."""
     from rlhf_fast.models import tiny_llama_config
     from transformers import LlamaForCausalLM
+    config = tiny_llama_config(VOCAB, 512, 6, 1408)
     with torch.device("meta"):
-        n = sum(p.numel() for p in LlamaForCausalLM(tiny_llama_config(VOCAB, 512, 6, 1408)).parameters())
-    return 6 * n * 2 * pairs * tokens
+        model = LlamaForCausalLM(config)
+    n = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    attention = 6 * config.num_hidden_layers * config.hidden_size * tokens
+    return (6 * n + attention) * 2 * pairs * tokens
 
 
 def cases(quick: bool, device: str) -> list[Case]:
