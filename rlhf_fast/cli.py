@@ -23,8 +23,9 @@ COMMANDS = {   # name: (one-line meaning, example)
            "rlhf-fast rm --model DIR --comparisons c.jsonl --out-dir runs/rm [--lora-rank 16]"),
     "ppo": ("PPO / GRPO / RLOO / REINFORCE++ against a reward model (optionally a LoRA policy, reference = base)",
             "rlhf-fast ppo --model DIR --reward-model DIR --prompts p.jsonl --out-dir runs/ppo [--lora-rank 16]"),
-    "ppo-dist": ("distributed PPO: FSDP2 learners and vLLM engines on Ray (--dry-run: the memory plan)",
-                 "rlhf-fast ppo-dist --model DIR --reward-model DIR --prompts p.jsonl --learners 2 --engines 2"),
+    "ppo-dist": ("distributed PPO: FSDP2 learners and vLLM engines on Ray (what `ppo` runs when given --learners, "
+                 "--engines, --colocate, --async, --ray-address or --dry-run; --dry-run: the memory plan)",
+                 "rlhf-fast ppo --model DIR --reward-model DIR --prompts p.jsonl --learners 2 --engines 2"),
     "dpo": ("DPO / IPO / SimPO / hinge from pairwise comparisons (optionally LoRA)",
             "rlhf-fast dpo --model DIR --comparisons c.jsonl --out-dir runs/dpo [--lora-rank 16]"),
     "demo": ("the end-to-end demo on a synthetic task (CPU, minutes)", "rlhf-fast demo --out runs"),
@@ -101,11 +102,33 @@ def _raised(names) -> tuple[type, ...]:
     return tuple(getattr(sys.modules[m], n) for m, n in names if m in sys.modules)
 
 
+# ``ppo`` with any of these (flag or YAML key) runs the distributed driver (``ppo-dist``, kept as its alias)
+DISTRIBUTED_KEYS = ("learners", "engines", "colocate", "async", "async_mode", "ray_address", "dry_run")
+
+
+def _distributed(argv: list[str]) -> bool:
+    """True when ``rlhf-fast ppo`` names a distributed key on the command line or in its ``--config`` YAML."""
+    keys = {a[2:].partition("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    for i, arg in enumerate(argv):
+        path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else arg.partition("=")[2]
+        if arg.startswith("--config") and os.path.isfile(path):
+            import yaml
+            with open(path) as f:
+                try:
+                    data = yaml.safe_load(f)
+                except yaml.YAMLError:   # load_config names the file and the error
+                    data = None
+            keys |= set(data) if isinstance(data, dict) else set()
+    return bool(keys & set(DISTRIBUTED_KEYS))
+
+
 def _split(argv: list[str]) -> tuple[SimpleNamespace, list[str]]:
     """``argv`` -> (``command``, ``config``, ``resume``, ``help``) and the ``--key value`` overrides (with the
-    subcommand's aliases spelled as their config keys)."""
+    subcommand's aliases spelled as their config keys); ``ppo`` with a distributed key becomes ``ppo-dist``."""
     if not argv or argv[0] in ("-h", "--help"):
         return SimpleNamespace(command=None, config=None, resume=False, help=True), []
+    if argv[0] == "ppo" and _distributed(argv[1:]):
+        argv = ["ppo-dist", *argv[1:]]
     if argv[0] not in COMMANDS:
         raise UsageError(f"unknown command {argv[0]!r}: choose from {', '.join(COMMANDS)} (rlhf-fast --help)")
     args = SimpleNamespace(command=argv[0], config=None, resume=False, help=False)

@@ -58,6 +58,23 @@ def test_cli_dry_run(capsys):
                  "--device-memory-gib", "40"]) == 2
 
 
+def test_ppo_routes_to_the_distributed_driver(capsys, tmp_path):
+    """``rlhf-fast ppo`` with --learners/--engines/--colocate/--async/--ray-address/--dry-run (flag or YAML key)
+    is the distributed driver; plain ``ppo`` stays the single-process trainer."""
+    from rlhf_fast.cli import _split, main
+    assert main(["ppo", "--config", os.path.join(EXAMPLES, "ppo_70b_4nodes.yaml"), "--dry-run"]) == 0
+    assert "32 learner ranks (FSDP2), 4 engines (tp 8)" in capsys.readouterr().out
+    for flags in (["--learners", "2"], ["--engines=2"], ["--colocate"], ["--async"], ["--ray-address", "auto"]):
+        assert _split(["ppo", "--model", "m", *flags])[0].command == "ppo-dist", flags
+    yml = tmp_path / "c.yaml"
+    yml.write_text("learners: 2\nmodel: m\n")
+    assert _split(["ppo", "--config", str(yml)])[0].command == "ppo-dist"
+    args, rest = _split(["ppo", "--model", "m", "--lora-rank", "8"])
+    assert args.command == "ppo" and rest == ["--model", "m", "--lora.rank", "8"]
+    yml.write_text("model: m\n")
+    assert _split(["ppo", f"--config={yml}"])[0].command == "ppo"
+
+
 def test_minibatch_must_feed_every_rank():
     with pytest.raises(ConfigError, match="minibatch_size"):
         DistributedPPOConfig(learners=4, minibatch_size=6, grad_accum=2)

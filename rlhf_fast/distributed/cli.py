@@ -1,4 +1,4 @@
-"""``rlhf-fast ppo-dist``: distributed PPO (``--learners W --engines E [--colocate] [--async-mode]
+"""``rlhf-fast ppo --learners W --engines E`` (alias ``ppo-dist``): distributed PPO (``[--colocate] [--async]
 [--ray-address ADDR] [--dry-run]``), a :class:`DistributedPPOConfig` from ``--config`` YAML and ``--key value``."""
 from __future__ import annotations
 
