@@ -4,7 +4,7 @@
     r = exp(logp - old_logp); h [B, T, H], W [V, H]; one advantage per sequence (GRPO), no entropy or KL term
 
 Implementations (each returns loss, dh, dW, so peak_mb excludes the gradients):
-- ``rlhf_fast``: :func:`rlhf_fast.ops.linear_ppo_objective`: blocks of whole-vocabulary logits (64 MiB), the
+- ``rlhf_fast``: :func:`rlhf_fast.ops.linear_ppo_objective`: blocks of whole-vocabulary logits (``default_block_rows``), the
   gradients computed in the forward (6 N H V FLOPs), the backward a scale of them.
 - ``naive``: the unfused objective: ``h @ W^T`` -> log_softmax -> gather -> the clipped loss (the torch reference
   of ``ppo_policy_loss``) -> autograd, with the whole [N, V] logits (and their gradient) in memory.
