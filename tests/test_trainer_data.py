@@ -6,8 +6,10 @@ import random
 import pytest
 import torch
 
+from _trainer_common import tiny_policy, tokenizer
 from rlhf_fast.cli import _split as cli_split, main as cli_main
 from rlhf_fast.data import JSONLError, SortTask, build_tokenizer, collate_comparisons, collate_sft, read_jsonl
+from rlhf_fast.models import RewardModel, save_model
 from rlhf_fast.trainer.config import ConfigError, PPOConfig, RewardConfig, load_config
 from rlhf_fast.trainer.demo import DemoConfig
 
@@ -74,7 +76,14 @@ def test_cli_reports_bad_key_and_bad_data(tmp_path, capsys):
     assert "unknown config key 'stepz'" in capsys.readouterr().err
     bad = _write(tmp_path / "p.jsonl", ['{"prompt": "1 :"}', '{"promt": "2 :"}'])
     assert cli_main(["ppo", "--prompts", str(bad), "--model", "x", "--reward-model", "y"]) == 2
+    assert "--model: no such local model directory: x" in capsys.readouterr().err   # the tokenizer reads the data
+    tok = tokenizer()
+    save_model(tiny_policy(tok), tok, tmp_path / "policy")
+    RewardModel.from_causal_lm(tiny_policy(tok, seed=1)).save_pretrained(tmp_path / "rm", tok)
+    assert cli_main(["ppo", "--prompts", str(bad), "--model", str(tmp_path / "policy"),
+                     "--reward-model", str(tmp_path / "rm"), "--out-dir", str(tmp_path / "run")]) == 2
     assert f"{bad}:2: missing key 'prompt'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_sort_task_score_and_labeler():
