@@ -16,7 +16,11 @@ truncated importance sampling against the engine's log-probs (``tis_cap``; 2.0 w
 
 Faults: an engine actor that dies (ray.exceptions.RayActorError) is replaced by a new actor, the weight channel is
 re-formed, the current weights are re-synced into every engine and the iteration's generation is retried once.
-A learner that dies stops the run with the error; ``resume=True`` continues from the last sharded checkpoint.
+A learner rank that dies stops the run: every call that involves the learners returns at its first failure (the
+surviving ranks may be blocked in a collective with the dead one), a probe of each rank names the dead one, every
+remaining actor is killed and :class:`LearnerDiedError` names the rank, the step and the last complete checkpoint.
+``resume=True`` (CLI ``--resume``) continues from it; a checkpoint without ``driver.json`` (written last) was cut
+short and is ignored, and the metrics log is cut back to the checkpoint's step, so every step is logged once.
 Metrics: the single-process trainer's keys plus ``time_generate/score/update/sync``, ``staleness``,
 ``weight_version`` and ``engine_restarts``.
 """
@@ -38,6 +42,18 @@ from rlhf_fast.trainer.base import batch_indices, step_seed
 from rlhf_fast.trainer.kl_controller import make_kl_controller
 
 ScoreFn = Callable[[list[str], list[str]], Sequence[float]]
+
+
+class LearnerDiedError(RuntimeError):
+    """A learner rank died: the run was stopped (no actor left) and resumes from ``checkpoint`` (None: step 0)."""
+
+    def __init__(self, ranks: list[int], step: int, checkpoint: str | None):
+        self.ranks, self.step, self.checkpoint = ranks, step, checkpoint
+        last = (f"the last complete checkpoint is {checkpoint}" if checkpoint else
+                "no checkpoint was completed, so a resume starts from step 0")
+        super().__init__(f"learner rank {', '.join(map(str, ranks))} died during step {step}; the run was stopped "
+                         f"(every actor killed); {last}: run the same command with --resume (resume=True) to "
+                         f"continue")
 
 
 def merge_batches(batches: list[RolloutBatch], chunks: list[list[list[int]]], pad_token_id: int) -> RolloutBatch:
@@ -103,6 +119,7 @@ class DistributedPPO:
         self.learners, self.engines, self.pg = placement.start_actors(learners, engines, self.engine_args, colocate,
                                                                       cpus, gpus, self.loopback)
         self.version = 0
+        self._step = 0        # the step in progress (named when a learner dies)
         self.engine_restarts = 0
         self._pending = None
         try:
@@ -117,23 +134,53 @@ class DistributedPPO:
 
     # -- roles ----------------------------------------------------------------------------------------
     def _all(self, method: str, *args):
-        return self.ray.get([a.call.remote(method, *args) for a in self.learners])
+        return self._get([a.call.remote(method, *args) for a in self.learners])
+
+    def _get(self, futures: list) -> list:
+        """``ray.get(futures)`` (calls that involve the learners) that stops waiting at the first failure; when a
+        learner rank is dead then, kills every actor and raises LearnerDiedError."""
+        pending = list(futures)
+        try:
+            while pending:
+                ready, pending = self.ray.wait(pending, num_returns=1)
+                self.ray.get(ready)
+        except Exception as e:
+            dead = self._dead_learners()
+            if not dead:
+                raise
+            self.close()
+            raise LearnerDiedError(dead, self._step, self.latest_checkpoint()) from e
+        return self.ray.get(futures)
+
+    def _dead_learners(self, timeout_s: float = 30.0) -> list[int]:
+        """Ranks whose actor is gone (its probe fails; a live rank answers or is still blocked in a collective)."""
+        probes = {a.pid.remote(): r for r, a in enumerate(self.learners)}
+        pending, dead = list(probes), []
+        deadline = time.monotonic() + timeout_s
+        while pending and not dead and time.monotonic() < deadline:
+            ready, pending = self.ray.wait(pending, num_returns=1, timeout=deadline - time.monotonic())
+            for f in ready:
+                try:
+                    self.ray.get(f)
+                except self.ray.exceptions.RayActorError:
+                    dead.append(probes[f])
+        return sorted(dead)
 
     def _join_channel(self) -> None:
         from rlhf_fast.distributed.channel import free_port
         world = 1 + len(self.engines)
         if getattr(self, "_joined", False):
             self.channel_port = free_port(self.host)
-        self.ray.get([self.learners[0].call.remote("join_channel", self.host, self.channel_port, world)] +
-                     [e.join_channel.remote(self.host, self.channel_port, 1 + i, world)
+        self._get([self.learners[0].call.remote("join_channel", self.host, self.channel_port, world)] +
+                  [e.join_channel.remote(self.host, self.channel_port, 1 + i, world)
                       for i, e in enumerate(self.engines)])
         self._joined = True
 
     def sync(self) -> float:
         """Broadcast the learners' weights (version = updates so far) into every engine; returns seconds."""
         t0 = time.perf_counter()
-        got = self.ray.get([e.receive_weights.remote(self.version) for e in self.engines] +
-                           [a.call.remote("sync_weights") for a in self.learners])
+        got = self._get([e.receive_weights.remote(self.version) for e in self.engines] +
+                        [a.call.remote("sync_weights") for a in self.learners])
         sent, received = got[len(self.engines):], got[:len(self.engines)]
         if any(v != self.version for v in sent + received):
             raise RuntimeError(f"weight versions disagree after a sync: learners {sent}, engines {received}, "
@@ -178,6 +225,7 @@ class DistributedPPO:
     def train_step(self, step: int) -> dict:
         from rlhf_fast.trainer.ppo import decode_responses
         cfg = self.cfg
+        self._step = step
         timings = {}
         t0 = time.perf_counter()
         launched = self._pending if self._pending is not None and self._pending[0] == step else self._launch(step)
@@ -242,14 +290,18 @@ class DistributedPPO:
             json.dump({"step": step, "version": self.version, "kl_controller": self.kl_ctl.state_dict()}, f)
         return path
 
-    def load(self) -> int:
-        """Restore the latest complete checkpoint (any learner count); returns the step to continue from."""
+    def latest_checkpoint(self) -> str | None:
+        """The newest checkpoint with its ``driver.json`` (written last: a cut-short one has none), or None."""
         root = os.path.join(self.cfg.out_dir, "checkpoints")
         done = sorted(d for d in (os.listdir(root) if os.path.isdir(root) else [])
                       if os.path.exists(os.path.join(root, d, "driver.json")))
-        if not done:
+        return os.path.join(root, done[-1]) if done else None
+
+    def load(self) -> int:
+        """Restore the latest complete checkpoint (any learner count); returns the step to continue from."""
+        path = self.latest_checkpoint()
+        if path is None:
             return 0
-        path = os.path.join(root, done[-1])
         with open(os.path.join(path, "driver.json")) as f:
             state = json.load(f)
         self._all("load", path)
@@ -272,9 +324,13 @@ class DistributedPPO:
         (tokenizer or self.tokenizer).save_pretrained(path)
 
     def close(self) -> None:
+        """Kill every actor (idempotent)."""
         for a in self.engines + self.learners:
             self.ray.kill(a)
+        self.engines, self.learners = [], []
         if self.pg is not None:
             self.ray.util.remove_placement_group(self.pg)
+            self.pg = None
         if self.started_ray:
             self.ray.shutdown()
+            self.started_ray = False

@@ -80,6 +80,9 @@ class LearnerRole:
         init_learner_group(rank, world, port, host=host, backend=backend)
         self.learner = Learner(model_dir, cfg, critic_state=critic_state)
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def call(self, method: str, *args, **kwargs):
         return getattr(self.learner, method)(*args, **kwargs)
 

@@ -1,0 +1,69 @@
+"""A learner rank killed for real (SIGKILL) mid-run on a real local Ray cluster: the run stops with one error that
+names the rank, the step and the last complete checkpoint, no actor outlives it, and ``resume=True`` finishes the
+run from that checkpoint with every step logged once (a cut-short checkpoint without driver.json is skipped)."""
+import json
+import os
+import signal
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from _trainer_common import one_thread, sevens  # noqa: E402,F401
+from test_distributed_ray import PROMPTS, _cfg, cluster, model_dir  # noqa: E402,F401
+from rlhf_fast.distributed.driver import DistributedPPO, LearnerDiedError  # noqa: E402
+
+
+class Killer:
+    """A reward function (``sevens``) that SIGKILLs process ``pid`` on its ``at_call``-th call: after that step's
+    generation, before the learners score its experience."""
+
+    def __init__(self, at_call: int):
+        self.at_call, self.calls, self.pid = at_call, 0, None
+
+    def __call__(self, prompts, completions):
+        self.calls += 1
+        if self.calls == self.at_call:
+            os.kill(self.pid, signal.SIGKILL)
+        return sevens(prompts, completions)
+
+
+def _run(tmp_path, model_dir, reward):
+    return DistributedPPO(_cfg(tmp_path, steps=4, save_every=1), model_dir, PROMPTS, reward, learners=2,
+                          engines=1, engine="hf", cpus=0.5)
+
+
+def _all_cpus_free(timeout_s=20.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU") != 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return ray.available_resources().get("CPU") == 2
+
+
+@pytest.mark.slow
+def test_killed_learner_stops_the_run_and_resume_finishes_it(cluster, model_dir, tmp_path):
+    killer = Killer(at_call=3)                              # dies in step 2, after step_000002 is complete
+    run = _run(tmp_path, model_dir, killer)
+    try:
+        killer.pid = ray.get(run.learners[1].pid.remote())
+        with pytest.raises(LearnerDiedError) as info:
+            run.train()
+    finally:
+        run.close()
+    err = info.value
+    ckpt = os.path.join(str(tmp_path), "checkpoints", "step_000002")
+    assert (err.ranks, err.step, err.checkpoint) == ([1], 2, ckpt)
+    assert "learner rank 1 died during step 2" in str(err) and ckpt in str(err) and "--resume" in str(err)
+    assert isinstance(err.__cause__, ray.exceptions.RayActorError)
+    assert not run.learners and not run.engines and _all_cpus_free()   # no actor left, none blocked in gloo
+
+    os.makedirs(os.path.join(str(tmp_path), "checkpoints", "step_000003"))   # cut short: no driver.json
+    resumed = _run(tmp_path, model_dir, sevens)
+    try:
+        records = resumed.train(resume=True)
+    finally:
+        resumed.close()
+    assert [r["step"] for r in records] == [2, 3] and records[-1]["weight_version"] == 4
+    with open(os.path.join(str(tmp_path), "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [0, 1, 2, 3]
