@@ -33,7 +33,7 @@ def cmd_ppo_dist(cfg: DistributedPPOConfig, resume: bool) -> None:
         print(dry_run(cfg))
         return
     from transformers import AutoTokenizer
-    from rlhf_fast.distributed.driver import DistributedPPO
+    from rlhf_fast.distributed.driver import DistributedPPO, LearnerDiedError
     from rlhf_fast.models import RewardModel
     from rlhf_fast.preflight import read_data
     if not cfg.reward_model:
@@ -47,6 +47,8 @@ def cmd_ppo_dist(cfg: DistributedPPOConfig, resume: bool) -> None:
     try:
         run.train(resume=resume)
         run.save_policy(os.path.join(cfg.out_dir, "policy"), tok)
+    except LearnerDiedError as e:     # one line: which rank, which step, the checkpoint --resume continues from
+        raise SystemExit(f"error: {e}") from None
     finally:
         run.close()
     print(f"policy saved to {os.path.join(cfg.out_dir, 'policy')}")
