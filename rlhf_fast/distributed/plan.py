@@ -19,7 +19,8 @@ model, ``Pr`` below. With ``b`` bytes per parameter element (2 for bf16, 4 for f
 Per engine device (tensor parallel ``tp``): weights ``P * b / tp`` + KV cache ``rollouts * ceil(len / 128) * 128
 * 2 * L * kv_heads * head_dim * b / tp`` (:func:`rlhf_fast.rollout.vllm_engine.kv_cache_bytes`).
 Colocated, a device holds a learner rank and an engine share; the plan assumes the engine sleeps during the update
-(vLLM sleep level 1: weights offloaded, KV cache freed; not yet called by the driver), so its peak is ``max(learner, learner resident + engine)`` with the
+(vLLM sleep level 1: weights offloaded, KV cache freed; the driver does it in sync mode where vLLM can), so its peak
+is ``max(learner, learner resident + engine)`` with the
 resident part params + AdamW (+ ref, critic). :func:`check_fits` raises before any actor starts when the peak
 exceeds the device memory.
 """

