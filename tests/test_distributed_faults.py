@@ -1,6 +1,7 @@
 """A learner rank killed for real (SIGKILL) mid-run on a real local Ray cluster: the run stops with one error that
 names the rank, the step and the last complete checkpoint, no actor outlives it, and ``resume=True`` finishes the
-run from that checkpoint with every step logged once (a cut-short checkpoint without driver.json is skipped)."""
+run from that checkpoint through ``rlhf-fast ppo ... --resume``, every step logged once (a cut-short checkpoint
+without driver.json is skipped)."""
 import json
 import os
 import signal
@@ -10,9 +11,12 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from _trainer_common import one_thread, sevens  # noqa: E402,F401
+from _trainer_common import one_thread, sevens, tiny_policy, tokenizer  # noqa: E402,F401
 from test_distributed_ray import PROMPTS, _cfg, cluster, model_dir  # noqa: E402,F401
+from rlhf_fast.cli import main  # noqa: E402
+from rlhf_fast.data import write_jsonl  # noqa: E402
 from rlhf_fast.distributed.driver import DistributedPPO, LearnerDiedError  # noqa: E402
+from rlhf_fast.models import RewardModel  # noqa: E402
 
 
 class Killer:
@@ -41,9 +45,25 @@ def _all_cpus_free(timeout_s=20.0) -> bool:
     return ray.available_resources().get("CPU") == 2
 
 
+def _resume_via_cli(tmp_path, model_dir) -> int:
+    """``rlhf-fast ppo ... --learners 2 --resume`` with the run's settings (a tiny reward model scores instead)."""
+    tok = tokenizer()
+    RewardModel.from_causal_lm(tiny_policy(tok, seed=1)).save_pretrained(tmp_path / "rm", tok)
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
+    settings = {k: v for k, v in vars(_cfg(tmp_path, steps=4, save_every=1)).items()
+                if k in ("estimator", "samples_per_prompt", "batch_size", "minibatch_size", "ppo_epochs", "lr",
+                         "max_new_tokens", "steps", "kl_coef", "seed", "save_every", "out_dir")}
+    argv = ["ppo", "--model", model_dir, "--reward-model", str(tmp_path / "rm"), "--prompts",
+            str(tmp_path / "prompts.jsonl"), "--learners", "2", "--engines", "1", "--engine", "hf",
+            "--cpus_per_actor", "0.5", "--resume"]
+    for k, v in settings.items():
+        argv += [f"--{k}", str(v)]
+    return main(argv)
+
+
 @pytest.mark.slow
 def test_killed_learner_stops_the_run_and_resume_finishes_it(cluster, model_dir, tmp_path):
-    killer = Killer(at_call=3)                              # dies in step 2, after step_000002 is complete
+    killer = Killer(at_call=3)                              # dies in step 3 of 4, after step_000002 is complete
     run = _run(tmp_path, model_dir, killer)
     try:
         killer.pid = ray.get(run.learners[1].pid.remote())
@@ -53,17 +73,18 @@ def test_killed_learner_stops_the_run_and_resume_finishes_it(cluster, model_dir,
         run.close()
     err = info.value
     ckpt = os.path.join(str(tmp_path), "checkpoints", "step_000002")
-    assert (err.ranks, err.step, err.checkpoint) == ([1], 2, ckpt)
-    assert "learner rank 1 died during step 2" in str(err) and ckpt in str(err) and "--resume" in str(err)
+    assert (err.ranks, err.step, err.checkpoint) == ([1], 3, ckpt)
+    assert "learner rank 1 died during step 3" in str(err) and ckpt in str(err) and "--resume" in str(err)
     assert isinstance(err.__cause__, ray.exceptions.RayActorError)
     assert not run.learners and not run.engines and _all_cpus_free()   # no actor left, none blocked in gloo
+    metrics = tmp_path / "metrics.jsonl"
+    kept = metrics.read_text().splitlines()
+    assert [json.loads(line)["step"] for line in kept] == [1, 2]
 
-    os.makedirs(os.path.join(str(tmp_path), "checkpoints", "step_000003"))   # cut short: no driver.json
-    resumed = _run(tmp_path, model_dir, sevens)
-    try:
-        records = resumed.train(resume=True)
-    finally:
-        resumed.close()
-    assert [r["step"] for r in records] == [2, 3] and records[-1]["weight_version"] == 4
-    with open(os.path.join(str(tmp_path), "metrics.jsonl")) as f:
-        assert [json.loads(line)["step"] for line in f] == [0, 1, 2, 3]
+    os.makedirs(tmp_path / "checkpoints" / "step_000003")       # cut short: no driver.json, skipped by load
+    assert _resume_via_cli(tmp_path, model_dir) == 0
+    lines = metrics.read_text().splitlines()
+    assert lines[:2] == kept                                     # continued from step_000002, not from scratch
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+    assert [json.loads(line)["weight_version"] for line in lines] == [1, 2, 3, 4]
+    assert os.path.exists(tmp_path / "checkpoints" / "step_000004" / "driver.json")

@@ -49,7 +49,8 @@ ScoreFn = Callable[[list[str], list[str]], Sequence[float]]
 
 
 class LearnerDiedError(RuntimeError):
-    """A learner rank died: the run was stopped (no actor left) and resumes from ``checkpoint`` (None: step 0)."""
+    """A learner rank died in ``step`` (1-based, as in metrics.jsonl): the run was stopped (no actor left) and
+    resumes from ``checkpoint`` (None: from the start)."""
 
     def __init__(self, ranks: list[int], step: int, checkpoint: str | None):
         self.ranks, self.step, self.checkpoint = ranks, step, checkpoint
@@ -124,7 +125,7 @@ class DistributedPPO:
         self.learners, self.engines, self.pg = placement.start_actors(learners, engines, self.engine_args, colocate,
                                                                       cpus, gpus, self.loopback)
         self.version = 0
-        self._step = 0        # the step in progress (named when a learner dies)
+        self._step = 0        # the step in progress, 0-based (named when a learner dies)
         self.engine_restarts = 0
         self._pending = None
         try:
@@ -154,7 +155,7 @@ class DistributedPPO:
             if not dead:
                 raise
             self.close()
-            raise LearnerDiedError(dead, self._step, self.latest_checkpoint()) from e
+            raise LearnerDiedError(dead, self._step + 1, self.latest_checkpoint()) from e
         return self.ray.get(futures)
 
     def _dead_learners(self, timeout_s: float = 30.0) -> list[int]:
@@ -273,14 +274,14 @@ class DistributedPPO:
         from rlhf_fast.trainer.metrics import MetricsLogger
         cfg = self.cfg
         start = self.load() if resume else 0
-        logger = MetricsLogger(os.path.join(cfg.out_dir, "metrics.jsonl"), resume_step=start - 1 if resume else None,
+        logger = MetricsLogger(os.path.join(cfg.out_dir, "metrics.jsonl"), resume_step=start if resume else None,
                                tensorboard=False)
         records = []
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             rec = self.train_step(step)
             rec["step_seconds"] = time.perf_counter() - t0
-            records.append(logger.log(step, rec))
+            records.append(logger.log(step + 1, rec))     # updates done, as the single-process trainer logs
             if cfg.save_every and (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
                 self.save(step + 1)
         return records
