@@ -273,25 +273,31 @@ class PPOTrainer(Trainer):
         idx = batch_indices(len(self.ptx_records), cfg.minibatch_size, cfg.seed + 1, step * 10_007 + k)
         return collate_sft([self.ptx_records[i] for i in idx], self.tokenizer)
 
+    def micro_batches(self, mb: Experience) -> tuple[torch.Tensor, list[Experience]]:
+        """``(order, pieces)``: ``mb``'s rows in update order and its ``grad_accum`` micro-batches of them.
+        ``group_by_length``: rows sorted by response length, each piece cut to its own longest prompt and
+        response (Experience.trim), so a micro-batch of short rows runs short sequences."""
+        cfg = self.config
+        order = torch.argsort(mb.mask.sum(1), stable=True) if cfg.group_by_length else torch.arange(len(mb))
+        pieces = [mb.rows(order[m]) for m in _split(len(mb), cfg.grad_accum)]
+        return order, [p.trim() for p in pieces] if cfg.group_by_length else pieces
+
     def accumulate(self, mb: Experience, step: int, ptx: dict | None = None) -> tuple[dict, Outputs]:
         """Forward and backward of minibatch ``mb`` (and its ptx batch) in ``grad_accum`` micro-batches, each
-        normalised by the minibatch's totals ``(N, S, width)``, so the accumulated gradient is the minibatch's.
-        ``group_by_length``: rows sorted by response length, each micro-batch cut to its own longest prompt and
-        response (Experience.trim), so a micro-batch of short rows runs short sequences. Returns the
+        normalised by the minibatch's totals ``(N, S, width)``, so the accumulated gradient is the minibatch's
+        (the micro-batches of :meth:`micro_batches`, length-grouped by default). Returns the
         objective's stats on the whole minibatch (floats) and the detached outputs (rows in ``mb``'s order)."""
         cfg = self.config
         width = mb.mask.shape[1]
         totals = (*batch_totals(mb.mask), width)
-        order = torch.argsort(mb.mask.sum(1), stable=True) if cfg.group_by_length else torch.arange(len(mb))
-        micros = [order[m] for m in _split(len(mb), cfg.grad_accum)]
+        order, pieces = self.micro_batches(mb)
         ptx_mask = ptx_totals = None
-        ptx_micros = [None] * len(micros)
+        ptx_micros = [None] * len(pieces)
         if ptx is not None:    # the ptx batch, cut into as many micro-batches, with its own totals
             ptx_mask, ptx_totals = ptx["response_mask"], batch_totals(ptx["response_mask"])
-            ptx_micros = _split(len(ptx_mask), len(micros))
+            ptx_micros = _split(len(ptx_mask), len(pieces))
         outs = []
-        for micro, pr in zip(micros, ptx_micros):
-            piece = mb.rows(micro).trim() if cfg.group_by_length else mb.rows(micro)
+        for piece, pr in zip(pieces, ptx_micros):
             entropy, term = cfg.entropy_coef > 0 or cfg.log_entropy, None
             if self.uses_fused_objective():
                 out, term = self.fused_forward(piece, totals, entropy)
