@@ -143,6 +143,28 @@ def test_disable_restores_exactly():
     assert all(getattr(trl_utils, n) is f for n, f in HELPERS.items())
 
 
+def test_cpu_head_gets_only_labelled_rows(monkeypatch):
+    """On CPU TRL's fused forward hands every position to the head; with the integration only the labelled
+    rows (TRL's own compact path), while TRL's kernel module keeps its own switch; disable restores both."""
+    kernel_switch = trl.kernels.chunked_logprob._use_triton
+    rows = []
+    real = fast.linear_logprobs
+    monkeypatch.setattr(fast, "linear_logprobs", lambda hidden, *a, **k: rows.append(hidden.shape[0]) or
+                        real(hidden, *a, **k))
+    model = _tiny_llama()
+    trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+    ids = torch.randint(3, 97, (3, 12))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    labels[1, 8:] = -100
+    with fast.enabled():
+        assert trl_utils._use_triton(torch.device("cpu"))
+        assert trl.kernels.chunked_logprob._use_triton is kernel_switch
+        model(input_ids=ids, labels=labels, fused_lm_head=True).loss.backward()
+    assert rows == [int((labels[:, 1:] != -100).sum())] == [7 + 3 + 7]
+    assert trl_utils._use_triton is kernel_switch and not trl_utils._use_triton(torch.device("cpu"))
+
+
 def test_untested_version_raises_and_patches_nothing(monkeypatch):
     monkeypatch.setattr(_patch, "installed_version", lambda dist: "1.17.0")
     with pytest.raises(RuntimeError, match=r"checked against trl.*found trl 1\.17\.0"):

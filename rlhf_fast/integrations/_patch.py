@@ -9,7 +9,8 @@ registry dict) by ``new``, or adds a new registry name (``add=True``: it must no
 2. builds the patches (the integration's function checks the private names it relies on and raises when they have
    changed shape), then applies them all;
 3. for a patch on a module, also rebinds the name in every loaded module of the peer that holds the original
-   object (the copies ``from x import name`` made), since those are what the peer's code looks up at call time.
+   object (the copies ``from x import name`` made), since those are what the peer's code looks up at call time;
+   ``rebind=False`` patches the one module only (a switch that module's code alone should see changed).
 
 ``disable()`` puts every original back exactly (a name that did not exist is removed again), including in peer
 modules imported while the integration was on. Each replacement counts its calls: ``call_counts()``.
@@ -47,6 +48,7 @@ class Patch:
     name: str
     new: Any
     add: bool = False   # a new name: must not exist yet; disable removes it
+    rebind: bool = True  # also in the peer's other modules holding the original (module owners only)
 
 
 def _get(owner, name):
@@ -113,7 +115,7 @@ class Integration:
         for p in patches:
             old = _get(p.owner, p.name)
             self._apply(p.owner, p.name, p.new)
-            if isinstance(p.owner, types.ModuleType):
+            if p.rebind and isinstance(p.owner, types.ModuleType):
                 for module in self._loaded_peer_modules():
                     if module is not p.owner and _get(module, p.name) is old:
                         self._apply(module, p.name, p.new)

@@ -4,8 +4,8 @@ Where TRL 1.16 spends its time: GRPOTrainer, RLOOTrainer, DPO, KTO and SFT call 
 and run the model with ``fused_lm_head=True``; that forward hands ``(hidden [N, H], lm_head weight [V, H], bias,
 labels [N], temperature, chunk_size, final_logit_softcapping, logit_scale, outputs)`` to the module-level name
 ``trl.trainer.utils._ChunkedLogProbFunction`` (TRL's chunked log-prob autograd function), looked up at call
-time. This integration replaces that one private name (the only one it touches; checked by signature) with
-:class:`FusedLMHead`, which computes::
+time. This integration replaces that private name (checked by signature) with :class:`FusedLMHead`, which
+computes::
 
     z = logit_scale * (h @ W^T + b);  z = c * tanh(z / c) (softcap c);  s = z / temperature
     logp_n = s[n, y_n] - logsumexp(s[n])        H_n = logsumexp(s[n]) - sum_j p_nj s_nj      (fp32, [N] each)
@@ -19,6 +19,13 @@ more pass over the logits tiles (:func:`metric_outputs`: one extra forward matmu
 
 A call whose head is a ZeRO-3 partitioned parameter goes to TRL's own function, counted as
 ``fused_lm_head_fallback``.
+
+Only the labelled rows reach the head: that forward passes ``hidden[labels != -100]`` when
+``trl.trainer.utils._use_triton(device)`` (its one other private name touched here, in that module only) is
+true, and on CPU, where it is false, every position, the prompt's and the padding's too (labels clamped to 0,
+outputs masked to 0 afterwards). With the integration the switch is also true on CPU (:func:`labelled_rows_only`):
+the same values and gradients (the masked rows' are 0 either way), from ~(prompt + padding) / length fewer
+rows of lm_head work in the forward and the backward.
 
 The logits-based public helpers of ``trl.trainer.utils`` (``selective_log_softmax``,
 ``selective_log_softmax_and_entropy``, ``entropy_from_logits``; TRL's experimental trainers import them by name)
@@ -36,11 +43,13 @@ from rlhf_fast.compat import trl as compat
 from rlhf_fast.integrations._patch import Integration, Patch
 from rlhf_fast.ops.linear_logprob import _scratch, _tile_logits, default_tile, linear_logprobs
 
-__all__ = ["enable", "disable", "enabled", "call_counts", "reset_counts", "FusedLMHead", "metric_outputs", "SUPPORTED"]
+__all__ = ["enable", "disable", "enabled", "call_counts", "reset_counts", "FusedLMHead", "metric_outputs",
+           "labelled_rows_only", "SUPPORTED"]
 
 SUPPORTED = ">=1.16.0,<1.17"
 # The private name and the argument list of its forward, as in TRL 1.16's trl/kernels/chunked_logprob.py.
 _PRIVATE = "_ChunkedLogProbFunction"
+_COMPACT = "_use_triton"       # trl.trainer.utils' switch: True -> only labelled rows reach _PRIVATE
 _FORWARD_ARGS = ("ctx", "hidden", "weight", "bias", "targets", "temperature", "chunk_size",
                  "final_logit_softcapping", "logit_scale", "outputs")
 _METRICS = ("log_sum_sq_probs", "mean_logits", "is_top1")
@@ -122,6 +131,14 @@ class FusedLMHead:
         return (logp, entropy, *metrics)
 
 
+def labelled_rows_only(original):
+    """TRL's ``_use_triton(device)`` switch, also true on CPU: its fused forward then scores only the labelled
+    rows there too (eager CPU has no per-shape recompilation, the reason TRL scores every row off Triton)."""
+    def compact(device: torch.device) -> bool:
+        return device.type == "cpu" or original(device)
+    return compact
+
+
 def _patches() -> list[Patch]:
     import trl.kernels.chunked_logprob as chunked
     import trl.trainer.utils as utils
@@ -130,7 +147,12 @@ def _patches() -> list[Patch]:
             tuple(inspect.signature(original.forward).parameters) != _FORWARD_ARGS:
         raise RuntimeError(f"rlhf_fast.integrations.trl: trl.trainer.utils.{_PRIVATE} is not TRL 1.16's "
                            f"ChunkedLogProbFunction{_FORWARD_ARGS}; not patching")
-    return [Patch(utils, _PRIVATE, FusedLMHead(original))] + [
+    switch = getattr(utils, _COMPACT, None)
+    if switch is not chunked._use_triton:
+        raise RuntimeError(f"rlhf_fast.integrations.trl: trl.trainer.utils.{_COMPACT} is not TRL 1.16's "
+                           f"chunked_logprob._use_triton; not patching")
+    return [Patch(utils, _PRIVATE, FusedLMHead(original)),
+            Patch(utils, _COMPACT, labelled_rows_only(switch), rebind=False)] + [
         Patch(utils, name, _INTEGRATION.counted(name, getattr(compat, name))) for name in _HELPERS]
 
 
