@@ -161,4 +161,5 @@ def test_distributed_run_learns_like_one_process(cluster, model_dir, tmp_path):
         start, end = recs[0]["true_score"], sum(r["true_score"] for r in recs[-2:]) / 2
         assert start < 0.2 and end > start + 0.3, [round(r["true_score"], 3) for r in recs]
     assert set(single[-1]) <= set(records[-1]), set(single[-1]) - set(records[-1])
-    assert {"time_generate", "time_score", "time_update", "time_sync", "staleness", "weight_version"} <= set(records[-1])
+    roles = {"time_generate", "time_score", "time_update", "time_sync", "staleness", "weight_version", "engine_slept"}
+    assert roles <= set(records[-1]) and [r["step"] for r in records] == [r["step"] for r in single]
