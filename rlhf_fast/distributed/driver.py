@@ -25,8 +25,8 @@ surviving ranks may be blocked in a collective with the dead one), a probe of ea
 remaining actor is killed and :class:`LearnerDiedError` names the rank, the step and the last complete checkpoint.
 ``resume=True`` (CLI ``--resume``) continues from it; a checkpoint without ``driver.json`` (written last) was cut
 short and is ignored, and the metrics log is cut back to the checkpoint's step, so every step is logged once.
-Metrics (``step`` = updates done, 1-based): the single-process trainer's keys plus ``time_generate/score/update/sync``, ``staleness``,
-``weight_version``, ``engine_restarts`` and ``engine_slept``.
+Metrics (``step`` = updates done, 1-based): the single-process trainer's keys plus ``time_generate/score/update/
+sync``, ``staleness``, ``weight_version``, ``engine_restarts`` and ``engine_slept``.
 """
 from __future__ import annotations
 
