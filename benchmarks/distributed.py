@@ -1,12 +1,14 @@
 """Distributed PPO on a local Ray cluster: weight broadcast into engine actors, one iteration per (W, E), async.
 
 Cases (all CPU here: 2 cores shared by every actor, so scaling is bounded by the cores, not by the design):
-``sync_M25`` / ``sync_M100``: the learner actor's versioned broadcast (rlhf_fast.distributed.channel, 256 MB
-buckets of whole layers) into E=2 vLLM engine actors, against ``VLLMEngine.sync_weights`` into one in-process
-engine (the single-process trainer's sync). ``iter_W{w}E{e}``: one synchronous PPO iteration (generate on E
-engines, score, update on W FSDP2 learners, sync) of a 25M-parameter policy; ``async_W1E1``: the same iteration
-in sync and in one-step off-policy mode (generation of k+1 overlapping update k). tokens = rollouts x
-max_new_tokens (the response-token capacity of one iteration).
+``sync_M25`` / ``sync_M100``: the learner actor's versioned broadcast (rlhf_fast.distributed.channel, pipelined
+64 MB buckets of whole layers) into E=2 vLLM engine actors, against ``VLLMEngine.sync_weights`` into one
+in-process engine (the single-process trainer's sync). ``iter_W{w}E{e}`` for (W, E) in (1,1), (1,2), (2,1), (2,2):
+one synchronous PPO iteration (generate on E engines, score, update on W FSDP2 learners, sync) of a
+25M-parameter policy, every actor 2 / (W + E) of the 2 cores. ``async_W1E1``: the same iteration with twice the
+response length (generation and update then take comparable time), the learner and the engine one core each,
+in sync and in one-step off-policy mode (generation of k+1 overlapping scoring and update k).
+tokens = rollouts x max_new_tokens (the response-token capacity of one iteration).
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from benchmarks.harness import Case
 from benchmarks.weight_sync import SHAPE as M100
 
 M25 = dict(hidden=512, layers=5, vocab=8192, intermediate=1536)   # 25.4M parameters
-ROLLOUTS, NEW_TOKENS = 32, 16
+ROLLOUTS, NEW_TOKENS, ASYNC_TOKENS = 32, 16, 32
+CORES = 2                          # this machine's: the actors' CPU shares add up to it
 _LIVE: list = []   # the previous case's run: its actors are stopped before the next case starts its own
 
 
@@ -30,7 +33,8 @@ def _model_dir(shape: dict) -> str:
     return path
 
 
-def _run(model_dir: str, learners: int, engines: int, engine: str = "vllm", steps: int = 1000):
+def _run(model_dir: str, learners: int, engines: int, engine: str = "vllm", steps: int = 1000,
+         new_tokens: int = NEW_TOKENS):
     from rlhf_fast.data import SortTask
     from rlhf_fast.distributed.config import DistributedPPOConfig
     from rlhf_fast.distributed.driver import DistributedPPO
@@ -39,11 +43,12 @@ def _run(model_dir: str, learners: int, engines: int, engine: str = "vllm", step
         _LIVE.pop().close()
     connect()                    # one local cluster for the whole bench (a run that did not start it keeps it)
     cfg = DistributedPPOConfig(estimator="grpo", samples_per_prompt=2, batch_size=ROLLOUTS // 2,
-                               minibatch_size=ROLLOUTS, ppo_epochs=1, kl_coef=0.0, max_new_tokens=NEW_TOKENS,
+                               minibatch_size=ROLLOUTS, ppo_epochs=1, kl_coef=0.0, max_new_tokens=new_tokens,
                                steps=steps, tis_cap=2.0, out_dir=tempfile.mkdtemp(prefix="rlhf_fast_dist_run_"))
     task = SortTask()
     run = DistributedPPO(cfg, model_dir, task.prompts(256, seed=0), lambda p, c: [len(x) % 3 for x in c],
-                         learners=learners, engines=engines, engine=engine, cpus=0.5)
+                         learners=learners, engines=engines, engine=engine,
+                         cpus=round(CORES / (learners + engines), 2))
     _LIVE.append(run)
     return run
 
@@ -58,8 +63,8 @@ def _sync_inputs(shape: dict) -> dict:
     return {"run": _run(path, 1, 2), "local": local, "model": model}
 
 
-def _iter_inputs(learners: int, engines: int) -> dict:
-    run = _run(_model_dir(M25), learners, engines)
+def _iter_inputs(learners: int, engines: int, new_tokens: int = NEW_TOKENS) -> dict:
+    run = _run(_model_dir(M25), learners, engines, new_tokens=new_tokens)
     run.train_step(0)            # warm-up: the engines' first generate, the learners' first update
     return {"run": run, "step": [1]}
 
@@ -82,13 +87,12 @@ def cases(quick: bool, device: str) -> list[Case]:
                                "in-process E=1": lambda i: i["local"].sync_weights(i["model"])},
                         bytes_moved=4 * n_params(**shape), min_reps=3, budget_s=2.0 if quick else 8.0,
                         memory=False, size=n_params(**shape), size_label="params"))
-    grid = [(1, 1)] if quick else [(1, 1), (1, 2), (2, 1), (2, 2)]
-    for w, e in grid:
+    for w, e in ((1, 1), (1, 2), (2, 1), (2, 2)):
         out.append(Case(name=f"iter_W{w}E{e}", make_inputs=lambda w=w, e=e: _iter_inputs(w, e),
                         impls={"rlhf_fast sync": _step(False)}, tokens=ROLLOUTS * NEW_TOKENS, min_reps=3,
                         budget_s=3.0 if quick else 10.0, memory=False, size=w * 10 + e, size_label="W*10+E"))
-    out.append(Case(name="async_W1E1", make_inputs=lambda: _iter_inputs(1, 1),
+    out.append(Case(name="async_W1E1", make_inputs=lambda: _iter_inputs(1, 1, ASYNC_TOKENS),
                     impls={"rlhf_fast sync": _step(False), "rlhf_fast async": _step(True)},
-                    tokens=ROLLOUTS * NEW_TOKENS, min_reps=4, budget_s=3.0 if quick else 10.0, memory=False,
+                    tokens=ROLLOUTS * ASYNC_TOKENS, min_reps=4, budget_s=3.0 if quick else 10.0, memory=False,
                     size=11, size_label="W*10+E"))
     return out

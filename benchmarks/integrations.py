@@ -44,7 +44,7 @@ def _trl_step(integrated: bool):
 def _trl_cases(quick: bool) -> list[Case]:
     out = []
     for micro in (ppo_step.MICRO_BATCHES, 1):
-        impls = {impl: lazy_impl(impl, lambda micro=micro: ppo_step._trl_inputs(micro), _trl_step(on))
+        impls = {impl: lazy_impl(impl, lambda micro=micro: ppo_step._trl_inputs(micro, eos=False), _trl_step(on))
                  for impl, on in (("trl", False), ("rlhf_fast-trl", True))}
         name = f"trl-grpo M50xP{ppo_step.PROMPTS * ppo_step.SAMPLES}xN{ppo_step.NEW_TOKENS}-accum{micro}"
         out.append(Case(name=name, make_inputs=dict, impls=impls,

@@ -12,6 +12,12 @@ One sync of version v (buckets from ``rollout.weight_sync.plan_buckets``: whole 
     broadcast header int64 [v, n_buckets]                               both ends see the version
     broadcast flat bucket_i (one dtype, sum of numels)   i = 1..n       one collective per bucket, not per tensor
 
+Pipelined, double-buffered: each end keeps two flat buffers of the largest bucket's size (allocated once, reused
+by later syncs: no page faults per sync). The sender fills buffer i % 2 while bucket i - 1 is still on the wire;
+a receiver posts the broadcast of bucket i + 1 (gloo runs it on its own thread) before it hands bucket i to the
+engine, so transfer and the engine's reload overlap. Bucket i + 2 reuses bucket i's buffer only after the engine
+has returned from loading it (the generator resumes).
+
 A receiver that expects version e != v still drains every bucket (the group stays consistent for the next sync)
 and then raises :class:`WeightVersionError`: a stale or skipped sync is an error, never a silent stale policy.
 """
@@ -47,6 +53,25 @@ def _dtype(name: str) -> torch.dtype:
     return dt
 
 
+def _numels(plan) -> list[int]:
+    """Elements per bucket of a plan ``[[(name, shape), ...], ...]``."""
+    return [sum(torch.Size(shape).numel() for _, shape in bucket) for bucket in plan]
+
+
+def _copy(t: torch.Tensor, out: torch.Tensor) -> None:
+    out.copy_(t.detach())
+
+
+def pack(named: NamedTensors, flat: torch.Tensor, write=_copy) -> None:
+    """``write(t, out)`` each tensor of ``named`` into its slice of ``flat`` (one after another, viewed as t's
+    shape); the default copies (casting to ``flat``'s dtype)."""
+    offset = 0
+    for _, t in named:
+        n = t.numel()
+        write(t, flat[offset:offset + n].view(t.shape))
+        offset += n
+
+
 class WeightChannel:
     """``WeightChannel(host, port, rank, world, backend="gloo")``: rank 0 sends, ranks 1..world-1 receive.
 
@@ -73,20 +98,57 @@ class WeightChannel:
             self.group = dist.ProcessGroupNCCL(self.store, rank, world)
             self.device = torch.device("cuda", torch.cuda.current_device())
 
+        self._buffers: list[torch.Tensor] = []
+        self._in_flight: list = [None, None]   # per buffer: the broadcast still reading / writing it
+        self._slot = 0
+
     def _broadcast(self, t: torch.Tensor) -> torch.Tensor:
         self.group.broadcast(t, 0).wait()
         return t
+
+    def _reserve(self, numel: int, dtype: torch.dtype) -> None:
+        """Two flat buffers of at least ``numel`` elements of ``dtype`` (kept from the last sync when they fit)."""
+        if not self._buffers or self._buffers[0].dtype != dtype or self._buffers[0].numel() < numel:
+            self.flush()
+            self._buffers = [torch.empty(numel, dtype=dtype, device=self.device) for _ in range(2)]
+
+    def _take(self, numel: int) -> tuple[int, torch.Tensor]:
+        """The next buffer (its previous broadcast finished first) as a flat view of ``numel`` elements."""
+        slot, self._slot = self._slot, 1 - self._slot
+        if self._in_flight[slot] is not None:
+            self._in_flight[slot].wait()
+            self._in_flight[slot] = None
+        return slot, self._buffers[slot][:numel]
+
+    def flush(self) -> None:
+        """Wait for every broadcast still in flight."""
+        for slot, work in enumerate(self._in_flight):
+            if work is not None:
+                work.wait()
+                self._in_flight[slot] = None
 
     # -- sender (rank 0) -------------------------------------------------------------------------
     def send_plan(self, version: int, plan: list[list[tuple[str, list[int]]]], dtype: torch.dtype) -> None:
         """Announce sync ``version``: the bucket layout (names, shapes) and the one dtype of all tensors."""
         self.store.set(f"plan/{version}", json.dumps({"dtype": str(dtype), "buckets": plan}))
+        self._reserve(max(_numels(plan)), dtype)
         self._broadcast(torch.tensor([version, len(plan)], dtype=torch.int64, device=self.device))
+
+    def bucket_buffer(self, numel: int) -> torch.Tensor:
+        """A flat buffer of ``numel`` elements for the next bucket: fill it, then :meth:`send_buffer` it."""
+        slot, flat = self._take(numel)
+        self._next = slot
+        return flat
+
+    def send_buffer(self, flat: torch.Tensor) -> None:
+        """Start the broadcast of the buffer from :meth:`bucket_buffer` (returns at once; :meth:`flush` waits)."""
+        self._in_flight[self._next] = self.group.broadcast(flat, 0)
 
     def send_bucket(self, named: NamedTensors) -> None:
         """Broadcast one bucket as a single flat tensor (its layout was announced by :meth:`send_plan`)."""
-        flat = torch.cat([t.detach().reshape(-1).to(self.device) for _, t in named])
-        self._broadcast(flat)
+        flat = self.bucket_buffer(sum(t.numel() for _, t in named))
+        pack(named, flat)
+        self.send_buffer(flat)
 
     # -- receivers (rank >= 1) -------------------------------------------------------------------
     def receive(self, expected_version: int) -> Iterator[NamedTensors]:
@@ -94,17 +156,30 @@ class WeightChannel:
         header = self._broadcast(torch.zeros(2, dtype=torch.int64, device=self.device)).tolist()
         version, n = int(header[0]), int(header[1])
         meta = json.loads(self.store.get(f"plan/{version}"))
-        dtype = _dtype(meta["dtype"])
+        buckets = meta["buckets"][:n]
         ok = version == expected_version
-        for bucket in meta["buckets"][:n]:
-            sizes = [torch.Size(shape).numel() for _, shape in bucket]
-            flat = self._broadcast(torch.empty(sum(sizes), dtype=dtype, device=self.device))
+        self._reserve(max(_numels(buckets)), _dtype(meta["dtype"]))
+
+        def post(i: int) -> tuple[int, torch.Tensor]:
+            slot, flat = self._take(_numels(buckets)[i])
+            self._in_flight[slot] = self.group.broadcast(flat, 0)
+            return slot, flat
+        pending = post(0)
+        for i, bucket in enumerate(buckets):
+            slot, flat = pending
+            if i + 1 < len(buckets):
+                pending = post(i + 1)       # on the wire while the engine loads bucket i
+            self._in_flight[slot].wait()
+            self._in_flight[slot] = None
             if ok:
+                sizes = [torch.Size(shape).numel() for _, shape in bucket]
                 yield [(name, part.view(shape)) for (name, shape), part in zip(bucket, flat.split(sizes))]
         if not ok:
             raise WeightVersionError(f"weight sync carried version {version}, this engine expected "
                                      f"{expected_version}: a sync was skipped or replayed")
 
     def close(self) -> None:
+        self.flush()
+        self._buffers = []
         self.group = None
         self.store = None

@@ -11,8 +11,9 @@ Per iteration, on every rank (the driver calls all ranks at once; all run the sa
     update            epochs x minibatches (same permutation on every rank); minibatch M -> global totals ->
                       this rank's rows M_r (x grad_accum micro-batches) -> backward of W * algos.ppo_objective
                       -> FSDP2 reduce-scatter (mean) -> clip_grad_norm_ -> AdamW
-    sync_weights(v)   per bucket of whole layers: full_tensor() of each shard (a collective over learners),
-                      rank 0 broadcasts it over the weight channel (rlhf_fast.distributed.channel)
+    sync_weights(v)   per bucket of whole layers: each tensor all-gathered from its shards straight into the
+                      bucket's flat buffer (a collective over learners); rank 0 broadcasts the buffer over the
+                      weight channel (rlhf_fast.distributed.channel) while the next bucket is gathered
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 from rlhf_fast.algos import AdvantageParams, Outputs, make_experience, ppo_objective
-from rlhf_fast.distributed.channel import WeightChannel
+from rlhf_fast.distributed.channel import WeightChannel, pack
 from rlhf_fast.distributed.dp import all_gather_rows, global_totals, shard_rows
 from rlhf_fast.models.policy_logprobs import policy_logprobs
 from rlhf_fast.models.value_model import ValueModel, base_model
@@ -60,6 +61,24 @@ def shard_model(root: nn.Module, layers) -> nn.Module:
 def _item(t) -> float:
     """A 0-dim tensor or DTensor (clip_grad_norm_ of FSDP2 parameters) as a float."""
     return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
+
+
+def gather_into(t: torch.Tensor, out: torch.Tensor) -> None:
+    """The full value of ``t`` (an FSDP2 DTensor sharded on dim 0, or a plain tensor) written into ``out``.
+
+    One rank: its shard is the whole tensor (one copy). Even shards: ``all_gather_into_tensor`` writes the W
+    shards straight into ``out`` (dim-0 concatenation = the Shard(0) layout). Uneven (padded) shards:
+    ``full_tensor()`` then a copy."""
+    if not hasattr(t, "to_local"):
+        out.copy_(t)
+        return
+    local, world = t.to_local(), t.device_mesh.size()
+    if world == 1:
+        out.copy_(local)
+    elif t.shape[0] % world == 0 and local.shape[0] * world == t.shape[0]:
+        dist.all_gather_into_tensor(out, local.contiguous(), group=t.device_mesh.get_group())
+    else:
+        out.copy_(t.full_tensor())
 
 
 def init_learner_group(rank: int, world: int, port: int, host: str = "127.0.0.1", backend: str = "gloo") -> None:
@@ -118,19 +137,33 @@ class Learner:
         if self.rank == 0:
             self.channel = WeightChannel(host, port, 0, world, backend=backend)
 
-    def sync_weights(self, dtype: torch.dtype = torch.float32, bucket_bytes: int = 256 * 2**20) -> int:
-        """Gather the full policy bucket by bucket and broadcast it to the engines; returns the version sent."""
-        named = engine_weights(self.policy.module, dtype)
-        buckets = plan_buckets(named, bucket_bytes)
+    def sync_weights(self, dtype: torch.dtype = torch.float32, bucket_bytes: int = 64 * 2**20) -> int:
+        """Gather the full policy bucket by bucket straight into the channel's buffer and broadcast it to the
+        engines (bucket i on the wire while bucket i + 1 is gathered); returns the version sent.
+
+        64 MB buckets: enough of them (M100: 7) for transfer and the engines' reload to overlap, few enough
+        that the per-call cost of ``reload_weights`` (~5 ms) stays small."""
+        buckets = plan_buckets(engine_weights(self.policy.module, dtype), bucket_bytes)   # DTensors, global shapes
         if self.rank == 0:
             if self.channel is None:
                 raise RuntimeError("join_channel first: learner rank 0 has no weight channel")
             self.channel.send_plan(self.version, [[(n, list(t.shape)) for n, t in b] for b in buckets], dtype)
         for bucket in buckets:
-            full = [(n, t.full_tensor() if hasattr(t, "full_tensor") else t) for n, t in bucket]
+            numel = sum(t.numel() for _, t in bucket)
+            flat = self.channel.bucket_buffer(numel) if self.rank == 0 else self._scratch(numel, dtype)
+            pack(bucket, flat, gather_into)
             if self.rank == 0:
-                self.channel.send_bucket(full)
+                self.channel.send_buffer(flat)
+        if self.rank == 0:
+            self.channel.flush()
         return self.version
+
+    def _scratch(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rank > 0's output of the all-gathers (rank 0 gathers into the channel's buffer)."""
+        buf = getattr(self, "_gather_buf", None)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = self._gather_buf = torch.empty(numel, dtype=dtype)
+        return buf[:numel]
 
     def full_state_dict(self) -> dict:
         """The policy's full HF state dict (rank 0; empty elsewhere), gathered to CPU."""

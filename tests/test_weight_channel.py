@@ -1,0 +1,50 @@
+"""The weight channel over real gloo in three processes: pipelined buckets arrive intact, a wrong version is
+drained and raises, and the channel stays usable for the next sync."""
+from __future__ import annotations
+
+import torch
+import torch.multiprocessing as mp
+
+from rlhf_fast.distributed.channel import WeightChannel, WeightVersionError, free_port
+from rlhf_fast.rollout.weight_sync import plan_buckets
+
+
+def _weights(version: int):
+    g = torch.Generator().manual_seed(version)
+    return [(f"model.layers.{i}.w{j}", torch.randn(3 + i, 5, generator=g)) for i in range(5) for j in range(2)]
+
+
+def _rank(rank: int, port: int, expect: list[int], out) -> None:
+    ch = WeightChannel("127.0.0.1", port, rank, 3)
+    for version in (0, 1):
+        buckets = plan_buckets(_weights(version), bucket_bytes=400)   # several buckets: the pipeline runs
+        if rank == 0:
+            ch.send_plan(version, [[(n, list(t.shape)) for n, t in b] for b in buckets], torch.float32)
+            for b in buckets:
+                ch.send_bucket(b)
+            ch.flush()
+            continue
+        try:
+            got = [(n, t.clone()) for b in ch.receive(expect[version]) for n, t in b]
+            out.put((rank, version, len(buckets), all(torch.equal(a, b) and n == m for (n, a), (m, b)
+                                                      in zip(got, _weights(version))) and len(got) == 10))
+        except WeightVersionError as e:
+            out.put((rank, version, len(buckets), str(e)))
+    ch.close()
+
+
+def test_pipelined_buckets_and_version_mismatch():
+    port, ctx = free_port(), mp.get_context("spawn")
+    out = ctx.Queue()
+    expects = {1: [0, 1], 2: [0, 5]}   # rank 2 expects a version the second sync does not carry
+    procs = [ctx.Process(target=_rank, args=(r, port, expects.get(r, []), out)) for r in range(3)]
+    for p in procs:
+        p.start()
+    results = sorted(out.get(timeout=120) for _ in range(4))
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert results[0][:2] == (1, 0) and results[0][2] > 2 and results[0][3] is True
+    assert results[1][:2] == (1, 1) and results[1][3] is True
+    assert results[2][:2] == (2, 0) and results[2][3] is True
+    assert results[3][:2] == (2, 1) and "carried version 1" in results[3][3] and "expected 5" in results[3][3]
