@@ -9,6 +9,7 @@ rows); files no bench comes from any more are listed. Definitions used throughou
     best peer               = the peer with the smallest median_ms in that case
     % of roofline           = 100 * limit_ms / median_ms              (see benchmarks/limits.py)
 
+The GPU step-time model (:mod:`benchmarks.gpu_model`) is placed beside the distributed bench's table.
 "ours" is the ``rlhf_fast`` row of a case (else the fastest ``rlhf_fast*`` row); a peer is any other impl.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import pathlib
 from collections import defaultdict
 
-from benchmarks import kernels
+from benchmarks import gpu_model, kernels
 from benchmarks.harness import is_ours, parse_size
 from benchmarks.suite import merge
 
@@ -278,7 +279,9 @@ def _rel(path: pathlib.Path, start: pathlib.Path) -> str:
     return pathlib.Path(os.path.relpath(path, start)).as_posix()
 
 
-def device_section(device: str, res: dict, results_dir: pathlib.Path, md_dir: pathlib.Path) -> list[str]:
+def device_section(device: str, res: dict, results_dir: pathlib.Path, md_dir: pathlib.Path,
+                   beside: dict[str, list[str]] | None = None) -> list[str]:
+    """The device's section; ``beside[bench]``: lines placed right after that bench's table."""
     meta = res["meta"]
     out = [f"## {device.upper()} — {meta['date'][:10]}", "",
            f"- Machine: {machine_line(meta)}",
@@ -304,6 +307,7 @@ def device_section(device: str, res: dict, results_dir: pathlib.Path, md_dir: pa
         png = results_dir / f"{device}-{bench}.png"
         chart(case_map, f"{bench} ({device}, {meta['date'][:10]})", png)
         out += [f"### {bench}", "", f"![{bench} on {device}]({_rel(png, md_dir)})", "", bench_table(case_map), ""]
+        out += (beside or {}).get(bench, [])
     return out
 
 
@@ -327,8 +331,13 @@ def write_report(results_dir: pathlib.Path, md_path: pathlib.Path) -> list[str]:
              "## Headline", ""]
     lines += [f"- {h}" for h in heads] or [f"- {NO_HEADLINE}"]
     lines.append("")
+    # the GPU step-time model goes beside the first distributed table, else after the device sections
+    host = next((d for d, res in latest.items() if any(r["bench"] == "distributed" for r in res["rows"])), None)
+    model = gpu_model.section("###" if host else "##")
     for device, res in latest.items():
-        lines += device_section(device, res, results_dir, md_dir)
+        lines += device_section(device, res, results_dir, md_dir, {"distributed": model} if device == host else None)
+    if host is None:
+        lines += model
     used = {p for res in latest.values() for p in source_files(res)}
     older = [r for r in results if r["_path"] not in used]
     if older:

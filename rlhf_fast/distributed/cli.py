@@ -12,13 +12,8 @@ GiB = 2**30
 
 def dry_run(cfg: DistributedPPOConfig) -> str:
     """The memory plan of ``cfg``, built on the meta device; ConfigError when it exceeds ``device_memory_gib``."""
-    from rlhf_fast.distributed.plan import memory_plan
-    plan = memory_plan(cfg.model, learners=cfg.learners, engines=cfg.engines, colocate=cfg.colocate,
-                       estimator=cfg.estimator, use_ref=cfg.kl_coef > 0 or cfg.kl_target is not None,
-                       minibatch_size=cfg.minibatch_size, grad_accum=cfg.grad_accum,
-                       rollouts=cfg.batch_size * cfg.samples_per_prompt, seq_len=cfg.seq_len,
-                       param_dtype=cfg.param_dtype, engine_tp=cfg.engine_tp,
-                       activation_checkpointing=cfg.activation_checkpointing)
+    from rlhf_fast.distributed.plan import config_plan
+    plan = config_plan(cfg)
     head = (f"plan: {cfg.learners} learner ranks (FSDP2), {cfg.engines} engines (tp {cfg.engine_tp}), "
             f"{'colocated' if cfg.colocate else 'disaggregated'}, {cfg.param_dtype}, estimator {cfg.estimator}")
     text = head + "\n" + plan.table()

@@ -27,6 +27,7 @@ exceeds the device memory.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -47,6 +48,18 @@ def _meta_model(config):
     from transformers import AutoModelForCausalLM
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+
+
+@functools.lru_cache(maxsize=4)
+def meta_model(model_dir: str):
+    """``(config, model)`` of ``model_dir`` on the meta device; cached (a 70B config takes seconds to build)."""
+    config = _config(model_dir)
+    return config, _meta_model(config)
+
+
+def param_count(model: torch.nn.Module) -> int:
+    """Parameters of ``model``, shared (tied) tensors once."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def shard_numel(model: torch.nn.Module, world: int) -> int:
@@ -88,9 +101,8 @@ def memory_plan(model_dir: str, *, learners: int, engines: int, colocate: bool, 
     if param_dtype not in _BYTES:
         raise ValueError(f"param_dtype must be one of {sorted(_BYTES)}, got {param_dtype!r}")
     b = _BYTES[param_dtype]
-    config = _config(model_dir)
-    model = _meta_model(config)
-    P = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    config, model = meta_model(model_dir)
+    P = param_count(model)
     Pr = shard_numel(model, learners)
     layers = model.model.layers if hasattr(model, "model") else []
     max_layer = max((sum(p.numel() for p in layer.parameters()) for layer in layers), default=0)
@@ -120,6 +132,21 @@ def memory_plan(model_dir: str, *, learners: int, engines: int, colocate: bool, 
     return MemoryPlan(params=P, learner=learner, engine=engine, peak_device=peak, colocate=colocate)
 
 
+def uses_ref(cfg) -> bool:
+    """A PPOConfig with a KL term: the learners hold a reference model."""
+    return cfg.kl_coef > 0 or cfg.kl_target is not None
+
+
+def config_plan(cfg) -> MemoryPlan:
+    """The plan of a :class:`~rlhf_fast.distributed.config.DistributedPPOConfig`: its placement and plan knobs."""
+    return memory_plan(cfg.model, learners=cfg.learners, engines=cfg.engines, colocate=cfg.colocate,
+                       estimator=cfg.estimator, use_ref=uses_ref(cfg),
+                       minibatch_size=cfg.minibatch_size, grad_accum=cfg.grad_accum,
+                       rollouts=cfg.batch_size * cfg.samples_per_prompt, seq_len=cfg.seq_len,
+                       param_dtype=cfg.param_dtype, engine_tp=cfg.engine_tp,
+                       activation_checkpointing=cfg.activation_checkpointing)
+
+
 def device_memory_bytes() -> int:
     """Memory of one device: the GPU's, else the host's available RAM."""
     if torch.cuda.is_available():
@@ -133,7 +160,7 @@ def check_fits(model_dir: str, cfg, learners: int, engines: int, colocate: bool,
     (default: :func:`device_memory_bytes`; on CPU all roles share the host, so the sum over roles counts)."""
     on_gpu = torch.cuda.is_available()
     plan = memory_plan(model_dir, learners=learners, engines=engines, colocate=colocate, estimator=cfg.estimator,
-                       use_ref=cfg.kl_coef > 0 or cfg.kl_target is not None, minibatch_size=cfg.minibatch_size,
+                       use_ref=uses_ref(cfg), minibatch_size=cfg.minibatch_size,
                        grad_accum=cfg.grad_accum, rollouts=cfg.batch_size * cfg.samples_per_prompt,
                        seq_len=seq_len or _context(model_dir, cfg), param_dtype="bfloat16" if on_gpu else "float32",
                        activation_checkpointing=on_gpu)
