@@ -1,8 +1,9 @@
 """Distributed PPO on a local Ray cluster: weight broadcast into engine actors, one iteration per (W, E), async.
 
 Cases (all CPU here: 2 cores shared by every actor, so scaling is bounded by the cores, not by the design):
-``sync_M25`` / ``sync_M100``: the learner actor's versioned broadcast (rlhf_fast.distributed.channel, pipelined
-64 MB buckets of whole layers) into E=2 vLLM engine actors, against ``VLLMEngine.sync_weights`` into one
+``sync_M25`` / ``sync_M100``: the learner actor's versioned sync (rlhf_fast.distributed.channel, pipelined 64 MB
+buckets of whole layers) into E=2 vLLM engine actors over both transports (``shm``: one shared-memory region, the
+default on one machine; ``broadcast``: gloo over loopback TCP), against ``VLLMEngine.sync_weights`` into one
 in-process engine (the single-process trainer's sync). ``iter_W{w}E{e}`` for (W, E) in (1,1), (1,2), (2,1), (2,2):
 one synchronous PPO iteration (generate on E engines, score, update on W FSDP2 learners, sync) of a
 25M-parameter policy, every actor 2 / (W + E) of the 2 cores. ``async_W1E1``: the same iteration with twice the
@@ -12,6 +13,7 @@ tokens = rollouts x max_new_tokens (the response-token capacity of one iteration
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 
@@ -48,7 +50,7 @@ def _run(model_dir: str, learners: int, engines: int, engine: str = "vllm", step
     task = SortTask()
     run = DistributedPPO(cfg, model_dir, task.prompts(256, seed=0), lambda p, c: [len(x) % 3 for x in c],
                          learners=learners, engines=engines, engine=engine,
-                         cpus=round(CORES / (learners + engines), 2))
+                         cpus=math.floor(100 * CORES / (learners + engines)) / 100)
     _LIVE.append(run)
     return run
 
@@ -79,14 +81,19 @@ def _step(async_mode: bool):
     return fn
 
 
+def _sync(transport: str):
+    def fn(inp) -> None:
+        run = inp["run"]
+        if run.transport != transport:      # switched in the harness's warm-up call
+            run.transport = transport
+            run._join_channel()
+        run.sync()
+    return fn
+
+
 def cases(quick: bool, device: str) -> list[Case]:
+    """The iterations first: the sync cases' in-process engine lives in this (the driver's) process."""
     out = []
-    for name, shape in (("sync_M25", M25), ("sync_M100", M100)):
-        out.append(Case(name=name, make_inputs=lambda s=shape: _sync_inputs(s),
-                        impls={"rlhf_fast broadcast E=2": lambda i: i["run"].sync(),
-                               "in-process E=1": lambda i: i["local"].sync_weights(i["model"])},
-                        bytes_moved=4 * n_params(**shape), min_reps=3, budget_s=2.0 if quick else 8.0,
-                        memory=False, size=n_params(**shape), size_label="params"))
     for w, e in ((1, 1), (1, 2), (2, 1), (2, 2)):
         out.append(Case(name=f"iter_W{w}E{e}", make_inputs=lambda w=w, e=e: _iter_inputs(w, e),
                         impls={"rlhf_fast sync": _step(False)}, tokens=ROLLOUTS * NEW_TOKENS, min_reps=3,
@@ -95,4 +102,10 @@ def cases(quick: bool, device: str) -> list[Case]:
                     impls={"rlhf_fast sync": _step(False), "rlhf_fast async": _step(True)},
                     tokens=ROLLOUTS * ASYNC_TOKENS, min_reps=4, budget_s=3.0 if quick else 10.0, memory=False,
                     size=11, size_label="W*10+E"))
+    for name, shape in (("sync_M25", M25), ("sync_M100", M100)):
+        out.append(Case(name=name, make_inputs=lambda s=shape: _sync_inputs(s),
+                        impls={"rlhf_fast shm E=2": _sync("shm"), "rlhf_fast broadcast E=2": _sync("broadcast"),
+                               "in-process E=1": lambda i: i["local"].sync_weights(i["model"])},
+                        bytes_moved=4 * n_params(**shape), min_reps=3, budget_s=2.0 if quick else 8.0,
+                        memory=False, size=n_params(**shape), size_label="params"))
     return out

@@ -1,7 +1,12 @@
-"""The weight channel over real gloo in three processes: pipelined buckets arrive intact, a wrong version is
-drained and raises, and the channel stays usable for the next sync."""
+"""The weight channel over real gloo in three processes, both transports: pipelined buckets arrive intact (also
+to a slow engine), a wrong version is drained and raises, the channel stays usable for the next sync, and no
+shared-memory file is left behind."""
 from __future__ import annotations
 
+import glob
+import time
+
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -14,8 +19,8 @@ def _weights(version: int):
     return [(f"model.layers.{i}.w{j}", torch.randn(3 + i, 5, generator=g)) for i in range(5) for j in range(2)]
 
 
-def _rank(rank: int, port: int, expect: list[int], out) -> None:
-    ch = WeightChannel("127.0.0.1", port, rank, 3)
+def _rank(rank: int, port: int, expect: list[int], out, transport: str) -> None:
+    ch = WeightChannel("127.0.0.1", port, rank, 3, transport=transport)
     for version in (0, 1):
         buckets = plan_buckets(_weights(version), bucket_bytes=400)   # several buckets: the pipeline runs
         if rank == 0:
@@ -25,7 +30,10 @@ def _rank(rank: int, port: int, expect: list[int], out) -> None:
             ch.flush()
             continue
         try:
-            got = [(n, t.clone()) for b in ch.receive(expect[version]) for n, t in b]
+            got = []
+            for b in ch.receive(expect[version]):
+                time.sleep(0.05 * (rank == 1))    # a slow engine: the sender must not overwrite what it reads
+                got += [(n, t.clone()) for n, t in b]
             out.put((rank, version, len(buckets), all(torch.equal(a, b) and n == m for (n, a), (m, b)
                                                       in zip(got, _weights(version))) and len(got) == 10))
         except WeightVersionError as e:
@@ -33,11 +41,13 @@ def _rank(rank: int, port: int, expect: list[int], out) -> None:
     ch.close()
 
 
-def test_pipelined_buckets_and_version_mismatch():
+@pytest.mark.parametrize("transport", ["broadcast", "shm"])
+def test_pipelined_buckets_and_version_mismatch(transport):
     port, ctx = free_port(), mp.get_context("spawn")
+    shm_before = set(glob.glob("/dev/shm/rlhf_fast_weights_*"))
     out = ctx.Queue()
     expects = {1: [0, 1], 2: [0, 5]}   # rank 2 expects a version the second sync does not carry
-    procs = [ctx.Process(target=_rank, args=(r, port, expects.get(r, []), out)) for r in range(3)]
+    procs = [ctx.Process(target=_rank, args=(r, port, expects.get(r, []), out, transport)) for r in range(3)]
     for p in procs:
         p.start()
     results = sorted(out.get(timeout=120) for _ in range(4))
@@ -48,3 +58,4 @@ def test_pipelined_buckets_and_version_mismatch():
     assert results[1][:2] == (1, 1) and results[1][3] is True
     assert results[2][:2] == (2, 0) and results[2][3] is True
     assert results[3][:2] == (2, 1) and "carried version 1" in results[3][3] and "expected 5" in results[3][3]
+    assert set(glob.glob("/dev/shm/rlhf_fast_weights_*")) == shm_before   # no region file outlives the sync

@@ -18,6 +18,14 @@ a receiver posts the broadcast of bucket i + 1 (gloo runs it on its own thread) 
 engine, so transfer and the engine's reload overlap. Bucket i + 2 reuses bucket i's buffer only after the engine
 has returned from loading it (the generator resumes).
 
+Same-machine transport ``transport="shm"`` (CPU, every end on one node; the analogue of CUDA IPC): rank 0 packs
+the buckets one after another into one flat region of shared memory (a file in /dev/shm, mapped by every end,
+kept across syncs while the model fits) and broadcasts only a one-element signal per bucket; the receivers'
+engines load straight from their mapping while rank 0 packs the next bucket, and a barrier ends the sync (rank 0
+writes the region again only after every engine has loaded it). The file is unlinked once every end has mapped
+it, so a killed process leaks nothing. Bytes moved per sync: one write of the model, one read per engine
+(``broadcast`` sends the model over loopback TCP to each engine, then each engine reads its copy).
+
 A receiver that expects version e != v still drains every bucket (the group stays consistent for the next sync)
 and then raises :class:`WeightVersionError`: a stale or skipped sync is an error, never a silent stale policy.
 """
@@ -33,6 +41,8 @@ import torch
 import torch.distributed as dist
 
 NamedTensors = list[tuple[str, torch.Tensor]]
+TRANSPORTS = ("broadcast", "shm")
+SHM_DIR = "/dev/shm"
 
 
 class WeightVersionError(RuntimeError):
@@ -79,7 +89,11 @@ class WeightChannel:
     """
 
     def __init__(self, host: str, port: int, rank: int, world: int, backend: str = "gloo",
-                 timeout_s: float = 300.0):
+                 timeout_s: float = 300.0, transport: str = "broadcast"):
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+        if transport == "shm" and backend != "gloo":
+            raise ValueError("transport='shm' is for CPU engines on the learner's machine (backend 'gloo')")
         if world < 2:
             raise ValueError(f"world must be >= 2 (a sender and at least one engine), got {world}")
         if not 0 <= rank < world:
@@ -98,9 +112,15 @@ class WeightChannel:
             self.group = dist.ProcessGroupNCCL(self.store, rank, world)
             self.device = torch.device("cuda", torch.cuda.current_device())
 
+        self.transport = transport
         self._buffers: list[torch.Tensor] = []
         self._in_flight: list = [None, None]   # per buffer: the broadcast still reading / writing it
         self._slot = 0
+        self._region: torch.Tensor | None = None   # shm: the mapped region (rank 0: its creator)
+        self._region_path: str | None = None       # shm sender: the file behind it, until every end has mapped it
+        self._region_name: str | None = None       # shm: the name the region was created / mapped under
+        self._offset = 0                           # shm sender: where the next bucket goes
+        self._open_sync = False                    # shm sender: a sync whose closing barrier is still due
 
     def _broadcast(self, t: torch.Tensor) -> torch.Tensor:
         self.group.broadcast(t, 0).wait()
@@ -121,27 +141,93 @@ class WeightChannel:
         return slot, self._buffers[slot][:numel]
 
     def flush(self) -> None:
-        """Wait for every broadcast still in flight."""
+        """Wait for every broadcast still in flight (shm: the barrier that ends an open sync)."""
         for slot, work in enumerate(self._in_flight):
             if work is not None:
                 work.wait()
                 self._in_flight[slot] = None
+        if self._open_sync:
+            self._end_shm_sync()
+
+    # -- shm transport ---------------------------------------------------------------------------
+    def _signal(self) -> None:
+        """One-element broadcast: the bucket rank 0 just packed is in the region."""
+        self._broadcast(torch.zeros(1, dtype=torch.int64))
+
+    def _end_shm_sync(self) -> None:
+        """Barrier: every engine has loaded the sync; the file goes once every end has mapped it."""
+        self.group.allreduce([torch.zeros(1, dtype=torch.int64)]).wait()
+        self._open_sync = False
+        if self.rank == 0 and self._region_path is not None:
+            os.unlink(self._region_path)
+            self._region_path = None
+
+    def _shm_region(self, numel: int, dtype: torch.dtype) -> dict:
+        """Rank 0: a shared region of at least ``numel`` elements (the last one when it fits); its file's name."""
+        if self._region is None or self._region.dtype != dtype or self._region.numel() < numel:
+            path = os.path.join(SHM_DIR, f"rlhf_fast_weights_{os.getpid()}_{id(self)}_{numel}")
+            with open(path, "wb") as f:
+                f.truncate(numel * torch.empty(0, dtype=dtype).element_size())
+            self._region = torch.from_file(path, shared=True, size=numel, dtype=dtype)
+            self._region_path = self._region_name = path
+        return {"path": self._region_name, "numel": self._region.numel()}
+
+    def _shm_flats(self, region: dict, numels: list[int], dtype: torch.dtype) -> Iterator[torch.Tensor]:
+        """Receiver: each bucket's flat view of the mapped region once rank 0 signals it, then the barrier."""
+        if self._region is None or self._region_name != region["path"]:
+            self._region = torch.from_file(region["path"], shared=True, size=region["numel"], dtype=dtype)
+            self._region_name = region["path"]
+        offset = 0
+        for n in numels:
+            self._signal()
+            yield self._region[offset:offset + n]
+            offset += n
+        self._end_shm_sync()
+
+    def _broadcast_flats(self, numels: list[int], dtype: torch.dtype) -> Iterator[torch.Tensor]:
+        """Receiver: each bucket's flat buffer, bucket i + 1 posted before bucket i is handed out."""
+        self._reserve(max(numels), dtype)
+
+        def post(i: int) -> tuple[int, torch.Tensor]:
+            slot, flat = self._take(numels[i])
+            self._in_flight[slot] = self.group.broadcast(flat, 0)
+            return slot, flat
+        pending = post(0)
+        for i in range(len(numels)):
+            slot, flat = pending
+            if i + 1 < len(numels):
+                pending = post(i + 1)       # on the wire while the engine loads bucket i
+            self._in_flight[slot].wait()
+            self._in_flight[slot] = None
+            yield flat
 
     # -- sender (rank 0) -------------------------------------------------------------------------
     def send_plan(self, version: int, plan: list[list[tuple[str, list[int]]]], dtype: torch.dtype) -> None:
         """Announce sync ``version``: the bucket layout (names, shapes) and the one dtype of all tensors."""
-        self.store.set(f"plan/{version}", json.dumps({"dtype": str(dtype), "buckets": plan}))
-        self._reserve(max(_numels(plan)), dtype)
+        meta = {"dtype": str(dtype), "buckets": plan}
+        if self.transport == "shm":
+            self.flush()
+            meta["shm"], self._offset, self._open_sync = self._shm_region(sum(_numels(plan)), dtype), 0, True
+        else:
+            self._reserve(max(_numels(plan)), dtype)
+        self.store.set(f"plan/{version}", json.dumps(meta))
         self._broadcast(torch.tensor([version, len(plan)], dtype=torch.int64, device=self.device))
 
     def bucket_buffer(self, numel: int) -> torch.Tensor:
         """A flat buffer of ``numel`` elements for the next bucket: fill it, then :meth:`send_buffer` it."""
+        if self.transport == "shm":
+            self._offset += numel
+            return self._region[self._offset - numel:self._offset]
         slot, flat = self._take(numel)
         self._next = slot
         return flat
 
     def send_buffer(self, flat: torch.Tensor) -> None:
-        """Start the broadcast of the buffer from :meth:`bucket_buffer` (returns at once; :meth:`flush` waits)."""
+        """Start the broadcast of the buffer from :meth:`bucket_buffer` (returns at once; :meth:`flush` waits).
+        shm: signal that the bucket is in the region."""
+        if self.transport == "shm":
+            self._signal()
+            return
         self._in_flight[self._next] = self.group.broadcast(flat, 0)
 
     def send_bucket(self, named: NamedTensors) -> None:
@@ -158,28 +244,22 @@ class WeightChannel:
         meta = json.loads(self.store.get(f"plan/{version}"))
         buckets = meta["buckets"][:n]
         ok = version == expected_version
-        self._reserve(max(_numels(buckets)), _dtype(meta["dtype"]))
-
-        def post(i: int) -> tuple[int, torch.Tensor]:
-            slot, flat = self._take(_numels(buckets)[i])
-            self._in_flight[slot] = self.group.broadcast(flat, 0)
-            return slot, flat
-        pending = post(0)
-        for i, bucket in enumerate(buckets):
-            slot, flat = pending
-            if i + 1 < len(buckets):
-                pending = post(i + 1)       # on the wire while the engine loads bucket i
-            self._in_flight[slot].wait()
-            self._in_flight[slot] = None
+        numels, dtype = _numels(buckets), _dtype(meta["dtype"])
+        flats = self._shm_flats(meta["shm"], numels, dtype) if "shm" in meta else self._broadcast_flats(numels, dtype)
+        for i, flat in enumerate(flats):        # not zip: the generator's closing barrier must run
             if ok:
-                sizes = [torch.Size(shape).numel() for _, shape in bucket]
-                yield [(name, part.view(shape)) for (name, shape), part in zip(bucket, flat.split(sizes))]
+                sizes = [torch.Size(shape).numel() for _, shape in buckets[i]]
+                yield [(name, part.view(shape)) for (name, shape), part in zip(buckets[i], flat.split(sizes))]
         if not ok:
             raise WeightVersionError(f"weight sync carried version {version}, this engine expected "
                                      f"{expected_version}: a sync was skipped or replayed")
 
     def close(self) -> None:
-        self.flush()
-        self._buffers = []
+        """Drop the group, the buffers and the region (its file too) without waiting: a peer may be dead. Call
+        :meth:`flush` first to finish a sync."""
+        if self.rank == 0 and self._region_path is not None:
+            os.unlink(self._region_path)
+        self._buffers, self._in_flight, self._region, self._region_path = [], [None, None], None, None
+        self._open_sync = False
         self.group = None
         self.store = None

@@ -122,6 +122,7 @@ class DistributedPPO:
         import ray
         self.ray = ray
         self.loopback = ray_address in (None, "", "local")
+        self.transport = "shm" if self.loopback and not gpus else "broadcast"   # weight channel: one machine, CPU
         self.learners, self.engines, self.pg = placement.start_actors(learners, engines, self.engine_args, colocate,
                                                                       cpus, gpus, self.loopback)
         self.version = 0
@@ -177,9 +178,10 @@ class DistributedPPO:
         world = 1 + len(self.engines)
         if getattr(self, "_joined", False):
             self.channel_port = free_port(self.host)
-        self._get([self.learners[0].call.remote("join_channel", self.host, self.channel_port, world)] +
-                  [e.join_channel.remote(self.host, self.channel_port, 1 + i, world)
-                      for i, e in enumerate(self.engines)])
+        self._get([self.learners[0].call.remote("join_channel", self.host, self.channel_port, world,
+                                                transport=self.transport)] +
+                  [e.join_channel.remote(self.host, self.channel_port, 1 + i, world, transport=self.transport)
+                   for i, e in enumerate(self.engines)])
         self._joined = True
 
     def sync(self) -> float:

@@ -37,8 +37,9 @@ class EngineWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def join_channel(self, host: str, port: int, rank: int, world: int, backend: str = "gloo") -> None:
-        self.channel = WeightChannel(host, port, rank, world, backend=backend)
+    def join_channel(self, host: str, port: int, rank: int, world: int, backend: str = "gloo",
+                     transport: str = "broadcast") -> None:
+        self.channel = WeightChannel(host, port, rank, world, backend=backend, transport=transport)
 
     def receive_weights(self, expected_version: int) -> int:
         """Load the sync the learner is broadcasting; returns the new ``weight_version``."""

@@ -132,10 +132,14 @@ class Learner:
         self.critic_optimizer = make_optimizer(self.critic.parameters(), cfg.critic_lr)[0] if self.critic else None
 
     # -- weight channel -----------------------------------------------------------------------------
-    def join_channel(self, host: str, port: int, world: int, backend: str = "gloo") -> None:
-        """Rank 0 becomes rank 0 (sender) of the weight channel; other ranks have nothing to join."""
+    def join_channel(self, host: str, port: int, world: int, backend: str = "gloo",
+                     transport: str = "broadcast") -> None:
+        """Rank 0 becomes rank 0 (sender) of a new weight channel (the last one closed); other ranks have nothing
+        to join."""
         if self.rank == 0:
-            self.channel = WeightChannel(host, port, 0, world, backend=backend)
+            if self.channel is not None:
+                self.channel.close()
+            self.channel = WeightChannel(host, port, 0, world, backend=backend, transport=transport)
 
     def sync_weights(self, dtype: torch.dtype = torch.float32, bucket_bytes: int = 64 * 2**20) -> int:
         """Gather the full policy bucket by bucket straight into the channel's buffer and broadcast it to the
