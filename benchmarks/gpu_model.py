@@ -37,17 +37,26 @@ def _fits(peak_gib: float, hardware) -> str:
         f"{peak_gib:.1f} (fits {fits[0]} only)" if fits else f"{peak_gib:.1f} (fits neither)"
 
 
-def model_row(name: str, W: int, E: int, colocate: bool, async_mode: bool) -> str:
+def model_row(name: str, W: int, E: int, colocate: bool, async_mode: bool) -> dict:
+    """``line`` (the table row), ``label``, H100 ``step`` s and ``tokens_per_s``, ``fits`` (the plan fits an H100)."""
     from rlhf_fast.distributed.plan import GiB, config_plan
     from rlhf_fast.distributed.step_model import H100, H200, step_time, workload
     cfg = example_config(name, learners=W, engines=E, colocate=colocate, async_mode=async_mode)
     w = workload(cfg)
     t, t200 = step_time(w, H100), step_time(w, H200)
     peak = config_plan(cfg).peak_device / GiB
-    return (f"| {cfg.model.rsplit('/', 1)[-1]} | {'colocated' if colocate else 'disaggregated'} | {w.gpus} | "
-            f"{W} / {E}×{w.tp} | {'async' if async_mode else 'sync'} | {t.generation:.1f} | {t.update:.1f} | "
-            f"{t.sync + t.sleep_wake:.2f} | **{t.step:.1f}** | {t.tokens_per_s:,.0f} | {t200.step:.1f} | "
-            f"{_bound(t)} | {_fits(peak, (H100, H200))} |")
+    placement, split, mode = ("colocated" if colocate else "disaggregated"), f"{W} / {E}×{w.tp}", \
+        ("async" if async_mode else "sync")
+    line = (f"| {cfg.model.rsplit('/', 1)[-1]} | {placement} | {w.gpus} | {split} | {mode} | {t.generation:.1f} | "
+            f"{t.update:.1f} | {t.sync + t.sleep_wake:.2f} | **{t.step:.1f}** | {t.tokens_per_s:,.0f} | "
+            f"{t200.step:.1f} | {_bound(t)} | {_fits(peak, (H100, H200))} |")
+    return {"line": line, "label": f"{placement} {split} {mode}", "step": t.step, "tokens_per_s": t.tokens_per_s,
+            "fits": peak <= H100.memory_gib}
+
+
+def _best(name: str, rows: list[dict]) -> str:
+    r = max((r for r in rows if r["fits"]), key=lambda r: r["tokens_per_s"])
+    return f"{name}: {r['label']}, {r['step']:.1f} s per step, {r['tokens_per_s']:,.0f} tokens/s"
 
 
 def section(level: str = "###") -> list[str]:
@@ -56,7 +65,8 @@ def section(level: str = "###") -> list[str]:
     head = ["| config | placement | GPUs | W / E×tp | mode | generation s | update s | sync (+ sleep/wake) s | "
             "step s | response tokens/s | step s on H200 | bound by | plan peak GiB per GPU |",
             "|---|---|--:|--:|---|--:|--:|--:|--:|--:|--:|---|--:|"]
-    rows = [model_row(name, *split) for name, splits in SPLITS.items() for split in splits]
+    rows = {name: [model_row(name, *split) for split in splits] for name, splits in SPLITS.items()}
+    best = "; ".join(_best(name, r) for name, r in rows.items())
     return [f"{level} {TITLE}", "",
             "**A model with named assumptions, not a measurement** (no GPU has run it): "
             "`rlhf_fast/distributed/step_model.py` (its docstring has every formula) on the `examples/` launch "
@@ -67,4 +77,6 @@ def section(level: str = "###") -> list[str]:
             "scoring, the AdamW step, attention FLOPs, early-ending responses. Plan peak: the `--dry-run` memory "
             "plan (`rlhf_fast/distributed/plan.py`); a split whose peak exceeds the device is refused by the "
             "runtime's memory check, so its row is what it would take on a larger device.", "",
-            f"- {H100.describe()}", f"- {H200.describe()}", "", *head, *rows, ""]
+            f"- {H100.describe()}", f"- {H200.describe()}",
+            f"- Fastest split that fits an H100 in the model: {best}.", "",
+            *head, *(r["line"] for rs in rows.values() for r in rs), ""]

@@ -91,5 +91,6 @@ def test_report_has_the_model_section(tmp_path, benches):
     else:
         assert text.index("### gae") < title and text[title - 3:title] == "## "
     assert "not a measurement" in text
+    assert "fits an H100 in the model: ppo_7b_1node.yaml: colocated 8 / 8×1 sync" in text
     assert "| llama-7b | colocated | 8 | 8 / 8×1 | sync |" in text
     assert "| llama-70b | disaggregated | 32 | 24 / 1×8 | async |" in text
