@@ -148,9 +148,17 @@ def config_plan(cfg) -> MemoryPlan:
 
 
 def device_memory_bytes() -> int:
-    """Memory of one device: the GPU's, else the host's available RAM."""
+    """Memory of one device: the GPU's, else the host's available RAM (``MemAvailable``: free pages plus the page
+    cache the kernel can reclaim; ``MemFree`` alone refuses runs whenever files were read recently)."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(0).total_memory
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
