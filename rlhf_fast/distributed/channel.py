@@ -167,7 +167,7 @@ class WeightChannel:
         if self._region is None or self._region.dtype != dtype or self._region.numel() < numel:
             path = os.path.join(SHM_DIR, f"rlhf_fast_weights_{os.getpid()}_{id(self)}_{numel}")
             with open(path, "wb") as f:
-                f.truncate(numel * torch.empty(0, dtype=dtype).element_size())
+                f.truncate(numel * dtype.itemsize)
             self._region = torch.from_file(path, shared=True, size=numel, dtype=dtype)
             self._region_path = self._region_name = path
         return {"path": self._region_name, "numel": self._region.numel()}
@@ -218,9 +218,7 @@ class WeightChannel:
         if self.transport == "shm":
             self._offset += numel
             return self._region[self._offset - numel:self._offset]
-        slot, flat = self._take(numel)
-        self._next = slot
-        return flat
+        return self._take(numel)[1]
 
     def send_buffer(self, flat: torch.Tensor) -> None:
         """Start the broadcast of the buffer from :meth:`bucket_buffer` (returns at once; :meth:`flush` waits).
@@ -228,7 +226,7 @@ class WeightChannel:
         if self.transport == "shm":
             self._signal()
             return
-        self._in_flight[self._next] = self.group.broadcast(flat, 0)
+        self._in_flight[1 - self._slot] = self.group.broadcast(flat, 0)   # the slot _take just handed out
 
     def send_bucket(self, named: NamedTensors) -> None:
         """Broadcast one bucket as a single flat tensor (its layout was announced by :meth:`send_plan`)."""

@@ -51,9 +51,7 @@ class EngineWorker:
             else:
                 self.engine.model.load_state_dict(dict(bucket), strict=False)
         if self.is_vllm:
-            from rlhf_fast.rollout import vllm_compat
-            vllm_compat.collective_rpc(self.engine.llm, "rlhf_fast_finish_sync")   # re-pack a tied lm_head
-            vllm_compat.reset_prefix_cache(self.engine.llm)
+            self.engine.finish_sync()
         self.engine._weight_version = expected_version   # the base class's counter: the version the sync carried
         return expected_version
 

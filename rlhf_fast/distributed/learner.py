@@ -75,7 +75,7 @@ def gather_into(t: torch.Tensor, out: torch.Tensor) -> None:
     local, world = t.to_local(), t.device_mesh.size()
     if world == 1:
         out.copy_(local)
-    elif t.shape[0] % world == 0 and local.shape[0] * world == t.shape[0]:
+    elif local.shape[0] * world == t.shape[0]:
         dist.all_gather_into_tensor(out, local.contiguous(), group=t.device_mesh.get_group())
     else:
         out.copy_(t.full_tensor())
@@ -110,13 +110,14 @@ class Learner:
         self.rank, self.world, self.cfg = rank, world, cfg
         self.version = 0
         self.channel: WeightChannel | None = None
+        self._gather_buf: torch.Tensor | None = None   # rank > 0: output of the sync's all-gathers
         self.exp: dict | None = None
         torch.manual_seed(cfg.seed)
 
         def load():
             return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         hf = load()
-        self.use_ref = cfg.kl_coef > 0 or cfg.kl_target is not None
+        self.use_ref = cfg.uses_ref
         self.critic = None
         if cfg.estimator == "gae":
             self.critic = ValueModel(copy.deepcopy(base_model(hf)))
@@ -164,10 +165,9 @@ class Learner:
 
     def _scratch(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """Rank > 0's output of the all-gathers (rank 0 gathers into the channel's buffer)."""
-        buf = getattr(self, "_gather_buf", None)
-        if buf is None or buf.numel() < numel or buf.dtype != dtype:
-            buf = self._gather_buf = torch.empty(numel, dtype=dtype)
-        return buf[:numel]
+        if self._gather_buf is None or self._gather_buf.numel() < numel or self._gather_buf.dtype != dtype:
+            self._gather_buf = torch.empty(numel, dtype=dtype)
+        return self._gather_buf[:numel]
 
     def full_state_dict(self) -> dict:
         """The policy's full HF state dict (rank 0; empty elsewhere), gathered to CPU."""

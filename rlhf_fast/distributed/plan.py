@@ -132,15 +132,10 @@ def memory_plan(model_dir: str, *, learners: int, engines: int, colocate: bool, 
     return MemoryPlan(params=P, learner=learner, engine=engine, peak_device=peak, colocate=colocate)
 
 
-def uses_ref(cfg) -> bool:
-    """A PPOConfig with a KL term: the learners hold a reference model."""
-    return cfg.kl_coef > 0 or cfg.kl_target is not None
-
-
 def config_plan(cfg) -> MemoryPlan:
     """The plan of a :class:`~rlhf_fast.distributed.config.DistributedPPOConfig`: its placement and plan knobs."""
     return memory_plan(cfg.model, learners=cfg.learners, engines=cfg.engines, colocate=cfg.colocate,
-                       estimator=cfg.estimator, use_ref=uses_ref(cfg),
+                       estimator=cfg.estimator, use_ref=cfg.uses_ref,
                        minibatch_size=cfg.minibatch_size, grad_accum=cfg.grad_accum,
                        rollouts=cfg.batch_size * cfg.samples_per_prompt, seq_len=cfg.seq_len,
                        param_dtype=cfg.param_dtype, engine_tp=cfg.engine_tp,
@@ -168,7 +163,7 @@ def check_fits(model_dir: str, cfg, learners: int, engines: int, colocate: bool,
     (default: :func:`device_memory_bytes`; on CPU all roles share the host, so the sum over roles counts)."""
     on_gpu = torch.cuda.is_available()
     plan = memory_plan(model_dir, learners=learners, engines=engines, colocate=colocate, estimator=cfg.estimator,
-                       use_ref=uses_ref(cfg), minibatch_size=cfg.minibatch_size,
+                       use_ref=cfg.uses_ref, minibatch_size=cfg.minibatch_size,
                        grad_accum=cfg.grad_accum, rollouts=cfg.batch_size * cfg.samples_per_prompt,
                        seq_len=seq_len or _context(model_dir, cfg), param_dtype="bfloat16" if on_gpu else "float32",
                        activation_checkpointing=on_gpu)

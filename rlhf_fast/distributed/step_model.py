@@ -131,7 +131,7 @@ class StepTime:
 
 def workload(cfg) -> Workload:
     """The :class:`Workload` of a DistributedPPOConfig; parameters counted on the meta device by the memory plan."""
-    from rlhf_fast.distributed.plan import meta_model, param_count, uses_ref
+    from rlhf_fast.distributed.plan import _BYTES, meta_model, param_count
     from rlhf_fast.models.geometry import model_geometry
     if cfg.seq_len <= cfg.max_new_tokens:
         raise ValueError(f"seq_len ({cfg.seq_len}) must exceed max_new_tokens ({cfg.max_new_tokens}): "
@@ -139,9 +139,9 @@ def workload(cfg) -> Workload:
     geo = model_geometry(cfg.model)
     P = param_count(meta_model(cfg.model)[1])
     head = 0 if geo.tied else geo.vocab * geo.hidden
-    b = 4 if cfg.param_dtype == "float32" else 2
+    b = _BYTES[cfg.param_dtype]
     return Workload(params=P, critic_params=P - head + geo.hidden + 1 if cfg.estimator == "gae" else 0,
-                    ref=uses_ref(cfg), layers=geo.layers, hidden=geo.hidden,
+                    ref=cfg.uses_ref, layers=geo.layers, hidden=geo.hidden,
                     kv_bytes_per_token=geo.kv_bytes_per_token(b), rollouts=cfg.batch_size * cfg.samples_per_prompt,
                     prompt=cfg.seq_len - cfg.max_new_tokens, response=cfg.max_new_tokens, ppo_epochs=cfg.ppo_epochs,
                     minibatch=cfg.minibatch_size, grad_accum=cfg.grad_accum,

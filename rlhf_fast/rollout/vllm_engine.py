@@ -166,6 +166,11 @@ class VLLMEngine(RolloutEngine):
             else:
                 self._transfer.source = compat.named_source(named)
             self._call(self._transfer.send_weights)
+        self.finish_sync()
+
+    def finish_sync(self) -> None:
+        """After the last bucket: re-pack modules sharing a weight (a tied lm_head) in the workers and drop the
+        prefix cache (its KV was computed by the old weights)."""
         self._call(lambda: compat.collective_rpc(self.llm, "rlhf_fast_finish_sync", timeout=self.rpc_timeout_s))
         compat.reset_prefix_cache(self.llm)
 

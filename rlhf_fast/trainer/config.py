@@ -424,6 +424,11 @@ class PPOConfig(RunConfig):
     lora: LoraSection = lora_key()
     columns: DataColumns = columns_key()
 
+    @property
+    def uses_ref(self) -> bool:
+        """A KL term (fixed or adaptive): the run needs the frozen reference policy's log-probs."""
+        return self.kl_coef > 0 or self.kl_target is not None
+
     def check(self) -> None:
         from rlhf_fast.algos.advantages import ADVANTAGE_ESTIMATORS
         group = ADVANTAGE_ESTIMATORS[self.estimator].min_group_size

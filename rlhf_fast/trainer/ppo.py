@@ -107,7 +107,7 @@ class PPOTrainer(Trainer):
         self.labeler, self.comparisons = labeler, list(comparisons or [])
         self.ptx_records = ptx_records or []
         self.kl_ctl = make_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-        self.use_ref = cfg.kl_coef > 0 or cfg.kl_target is not None
+        self.use_ref = cfg.uses_ref
         self.ref_model = None      # with use_ref: None means the LoRA policy's base (reference_mode)
         if self.use_ref and (ref_model is not None or not is_lora(policy)):
             self.ref_model = ref_model if ref_model is not None else copy.deepcopy(policy)
