@@ -92,7 +92,7 @@ class UsageError(ValueError):
 # (module, exception class): bad input -> exit 2; a NaN/inf loss -> exit 3
 BAD_INPUT = ((__name__, "UsageError"), ("rlhf_fast.trainer.config", "ConfigError"),
              ("rlhf_fast.checks", "InputError"), ("rlhf_fast.data.jsonl", "JSONLError"),
-             ("rlhf_fast.trainer.checkpoint", "CheckpointError"))
+             ("rlhf_fast.trainer.checkpoint", "CheckpointError"), ("rlhf_fast.distributed.placement", "LaunchError"))
 NONFINITE = (("rlhf_fast.trainer.base", "NonFiniteLossError"),)
 
 

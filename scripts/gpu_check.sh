@@ -8,7 +8,8 @@
 #   1. versions and the GPU (nvidia-smi) -> OUTDIR/env.txt; fails here, with a clear message, without a GPU
 #   2. the native build (C++ and, when nvcc exists, csrc/cuda/) in place      -> OUTDIR/build.log
 #   3. every kernel on the GPU against float64 (tests/test_gpu_kernels.py: fresh random inputs each run, bf16
-#      and fp32, awkward shapes, > 65,536 rows) and the existing op tests on the Triton/CUDA backends
+#      and fp32, awkward shapes, > 65,536 rows), the existing op tests on the Triton/CUDA backends and the
+#      CUDA-IPC weight channel (tests/test_weight_channel.py, three processes on the GPU)
 #                                                                              -> OUTDIR/tests.log, tests.xml
 #   4. the static kernel report for this GPU's arch                           -> OUTDIR/kernels.json
 #   5. the op benchmarks with the copy bandwidth and bf16 matmul rate of this GPU measured in the same run
@@ -61,7 +62,8 @@ fi
 
 step "3/6 kernels on the GPU vs float64 -> $OUT/tests.log"
 OPS="tests/test_gpu_kernels.py tests/test_gae.py tests/test_kl.py tests/test_logprob.py tests/test_linear_logprob.py \
-tests/test_masked.py tests/test_policy_loss.py tests/test_value_loss.py tests/test_advantages.py"
+tests/test_masked.py tests/test_policy_loss.py tests/test_value_loss.py tests/test_advantages.py \
+tests/test_weight_channel.py"
 # shellcheck disable=SC2086  # OPS is a list of paths
 if ! timeout 180 "$PY" -m pytest -q -p no:cacheprovider -x $OPS -k "cuda or triton or gpu" --junitxml="$OUT/tests.xml" \
     > "$OUT/tests.log" 2>&1; then

@@ -1,10 +1,12 @@
 """A learner rank killed for real (SIGKILL) mid-run on a real local Ray cluster: the run stops with one error that
 names the rank, the step and the last complete checkpoint, no actor outlives it, and ``resume=True`` finishes the
 run from that checkpoint through ``rlhf-fast ppo ... --resume``, every step logged once (a cut-short checkpoint
-without driver.json is skipped)."""
+without driver.json is skipped). A learner killed under the CLI ends it with one ``error:`` line that says the same,
+and the next ``--resume`` finishes the run."""
 import json
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -45,12 +47,47 @@ def _all_cpus_free(timeout_s=20.0) -> bool:
     return ray.available_resources().get("CPU") == 2
 
 
-def _resume_via_cli(tmp_path, model_dir) -> int:
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("PPid:"))
+
+
+def _ours(pid: int) -> bool:
+    """Whether ``pid`` descends from this process (the local Ray cluster this test module started)."""
+    while pid > 1:
+        pid = _parent(pid)
+        if pid == os.getpid():
+            return True
+    return False
+
+
+def _kill_a_learner_after(marker, timeout_s=300.0) -> threading.Thread:
+    """A thread that SIGKILLs one learner actor's process (found by its Ray process title among this process's
+    descendants) once ``marker`` exists."""
+    def watch():
+        deadline = time.monotonic() + timeout_s
+        while not os.path.exists(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if f.read().startswith(b"ray::LearnerRole") and _ours(pid):
+                        os.kill(pid, signal.SIGKILL)
+                        return
+            except (OSError, StopIteration):
+                continue
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def _resume_via_cli(tmp_path, model_dir, steps: int = 4) -> int:
     """``rlhf-fast ppo ... --learners 2 --resume`` with the run's settings (a tiny reward model scores instead)."""
     tok = tokenizer()
-    RewardModel.from_causal_lm(tiny_policy(tok, seed=1)).save_pretrained(tmp_path / "rm", tok)
+    if not (tmp_path / "rm").exists():
+        RewardModel.from_causal_lm(tiny_policy(tok, seed=1)).save_pretrained(tmp_path / "rm", tok)
     write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
-    settings = {k: v for k, v in vars(_cfg(tmp_path, steps=4, save_every=1)).items()
+    settings = {k: v for k, v in vars(_cfg(tmp_path, steps=steps, save_every=1)).items()
                 if k in ("estimator", "samples_per_prompt", "batch_size", "minibatch_size", "ppo_epochs", "lr",
                          "max_new_tokens", "steps", "kl_coef", "seed", "save_every", "out_dir")}
     argv = ["ppo", "--model", model_dir, "--reward-model", str(tmp_path / "rm"), "--prompts",
@@ -82,9 +119,17 @@ def test_killed_learner_stops_the_run_and_resume_finishes_it(cluster, model_dir,
     assert [json.loads(line)["step"] for line in kept] == [1, 2]
 
     os.makedirs(tmp_path / "checkpoints" / "step_000003")       # cut short: no driver.json, skipped by load
-    assert _resume_via_cli(tmp_path, model_dir) == 0
+    killer = _kill_a_learner_after(tmp_path / "checkpoints" / "step_000003" / "driver.json")
+    with pytest.raises(SystemExit) as stop:                      # killed under the CLI in step 4 of 6
+        _resume_via_cli(tmp_path, model_dir, steps=6)
+    killer.join()
+    line = str(stop.value.code)
+    ckpt = os.path.join(str(tmp_path), "checkpoints", "step_000003")
+    assert "\n" not in line and line.startswith("error: learner rank ") and "died during step 4" in line
+    assert ckpt in line and "--resume" in line and _all_cpus_free()
+    assert _resume_via_cli(tmp_path, model_dir, steps=6) == 0
     lines = metrics.read_text().splitlines()
     assert lines[:2] == kept                                     # continued from step_000002, not from scratch
-    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
-    assert [json.loads(line)["weight_version"] for line in lines] == [1, 2, 3, 4]
-    assert os.path.exists(tmp_path / "checkpoints" / "step_000004" / "driver.json")
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+    assert [json.loads(line)["weight_version"] for line in lines] == [1, 2, 3, 4, 5, 6]
+    assert os.path.exists(tmp_path / "checkpoints" / "step_000006" / "driver.json")

@@ -17,12 +17,16 @@ def _cfg(name, **over):
     return load_config(DistributedPPOConfig, os.path.join(EXAMPLES, name), [f"--{k}={v}" for k, v in over.items()])
 
 
-@pytest.mark.parametrize("name, params_b, peak_gib", [("ppo_7b_1node.yaml", 6.74, "69.41"),
-                                                      ("ppo_70b_4nodes.yaml", 70.55, "69.28")])
-def test_examples_fit_their_gpus(name, params_b, peak_gib):
-    """The arithmetic written in each example's header is what the plan computes, and it fits 80 GiB."""
+@pytest.mark.parametrize("name, params_b, peak_gib, sync", [
+    ("ppo_7b_1node.yaml", 6.74, "69.41", "gloo cuda_ipc, 8 sender ranks"),
+    ("ppo_70b_4nodes.yaml", 70.55, "69.28", "not launchable yet: engine_tp must be 1 for colocated engines")])
+def test_examples_fit_their_gpus(name, params_b, peak_gib, sync):
+    """The arithmetic written in each example's header is what the plan computes, and it fits 80 GiB; the
+    colocated GPU engines of the 7B take their weights by CUDA IPC, one sender rank each (the 70B's colocated
+    tensor-parallel engines are a plan only)."""
     cfg = _cfg(name)
     text = dry_run(cfg)
+    assert f"weight sync: {sync}" in text
     assert f"policy parameters: {params_b:.2f} B" in text
     assert f"peak per device (colocated): {peak_gib} GiB" in text
     with pytest.raises(ConfigError, match="device_memory_gib.* is less than the plan's"):
@@ -73,6 +77,26 @@ def test_ppo_routes_to_the_distributed_driver(capsys, tmp_path):
     assert args.command == "ppo" and rest == ["--model", "m", "--lora.rank", "8"]
     yml.write_text("model: m\n")
     assert _split(["ppo", f"--config={yml}"])[0].command == "ppo"
+
+
+def test_placements_the_runtime_cannot_launch_are_refused_before_ray(capsys):
+    """Colocated GPU engines need a learner each (CUDA IPC from their GPU's learner); tensor-parallel engines are
+    vLLM engines placed disaggregated. The CLI says so in one line, before any model is read or Ray started."""
+    from rlhf_fast.cli import main
+    from rlhf_fast.distributed.placement import check_placement
+    with pytest.raises(ValueError, match=r"engines \(4\) must be <= learners \(2\)"):
+        check_placement(2, 4, colocate=True, gpus=1.0)
+    check_placement(2, 4, colocate=True)                   # CPU: any learner's shm region serves any engine
+    check_placement(2, 4, colocate=False, gpus=1.0, tp=2)   # disaggregated TP engines over NCCL
+    with pytest.raises(ValueError, match="engine_tp must be 1 for HF engines"):
+        check_placement(1, 1, colocate=False, tp=2, engine="hf")
+    with pytest.raises(ValueError, match="engine_tp must be a positive int"):
+        check_placement(1, 1, colocate=False, tp=0)
+    assert main(["ppo-dist", "--config", os.path.join(EXAMPLES, "ppo_70b_4nodes.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "engine_tp must be 1 for colocated engines" in err and len(err.strip().splitlines()) == 1
+    assert main(["ppo-dist", "--config", os.path.join(EXAMPLES, "ppo_7b_1node.yaml"), "--engines", "9"]) == 2
+    assert "engines (9) must be <= learners (8)" in capsys.readouterr().err
 
 
 def test_minibatch_must_feed_every_rank():

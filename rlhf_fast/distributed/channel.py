@@ -26,13 +26,22 @@ writes the region again only after every engine has loaded it). The file is unli
 it, so a killed process leaks nothing. Bytes moved per sync: one write of the model, one read per engine
 (``broadcast`` sends the model over loopback TCP to each engine, then each engine reads its copy).
 
+Colocated GPU transport ``transport="cuda_ipc"`` (an engine on its learner rank's GPU): the same protocol with
+the region in the sender's device memory, opened by the receivers through a CUDA IPC handle (torch's own
+``reduce_tensor``, sent through the store; unpickled with torch types only): no copy to the host and back, no
+NCCL (two ranks of one NCCL group may not share a device). The signals and the barrier go over gloo; the sender
+synchronises its stream before each signal, a receiver its device before the barrier.
+
 A receiver that expects version e != v still drains every bucket (the group stays consistent for the next sync)
 and then raises :class:`WeightVersionError`: a stale or skipped sync is an error, never a silent stale policy.
 """
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
+import pickle
 import socket
 from datetime import timedelta
 from typing import Iterator
@@ -41,7 +50,8 @@ import torch
 import torch.distributed as dist
 
 NamedTensors = list[tuple[str, torch.Tensor]]
-TRANSPORTS = ("broadcast", "shm")
+TRANSPORTS = ("broadcast", "shm", "cuda_ipc")
+REGION_TRANSPORTS = ("shm", "cuda_ipc")    # one shared region per sync, signals + a barrier over gloo
 SHM_DIR = "/dev/shm"
 
 
@@ -56,6 +66,11 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def buffer_device(backend: str, transport: str) -> str:
+    """Where a channel's buffers (or region) live, hence where the sender writes each bucket: "cuda" or "cpu"."""
+    return "cuda" if backend == "nccl" or transport == "cuda_ipc" else "cpu"
+
+
 def _dtype(name: str) -> torch.dtype:
     dt = getattr(torch, name.removeprefix("torch."), None)
     if not isinstance(dt, torch.dtype):
@@ -66,6 +81,30 @@ def _dtype(name: str) -> torch.dtype:
 def _numels(plan) -> list[int]:
     """Elements per bucket of a plan ``[[(name, shape), ...], ...]``."""
     return [sum(torch.Size(shape).numel() for _, shape in bucket) for bucket in plan]
+
+
+class _TorchTypesOnly(pickle.Unpickler):
+    """Unpickles a CUDA IPC handle (``reduce_tensor``'s arguments): torch classes and dtypes, nothing else."""
+
+    def find_class(self, module: str, name: str):
+        if module == "torch" or module.startswith("torch."):
+            obj = super().find_class(module, name)
+            if isinstance(obj, (type, torch.dtype)):
+                return obj
+        raise pickle.UnpicklingError(f"a CUDA IPC handle names torch types only, not {module}.{name}")
+
+
+def ipc_handle(region: torch.Tensor) -> str:
+    """A CUDA tensor's IPC handle as text (torch.multiprocessing's ``reduce_tensor`` arguments, pickled)."""
+    from torch.multiprocessing.reductions import reduce_tensor
+    _, args = reduce_tensor(region)
+    return base64.b64encode(pickle.dumps(args)).decode()
+
+
+def open_ipc_handle(handle: str) -> torch.Tensor:
+    """The tensor of :func:`ipc_handle` in this process (same device memory, no copy)."""
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+    return rebuild_cuda_tensor(*_TorchTypesOnly(io.BytesIO(base64.b64decode(handle))).load())
 
 
 def _copy(t: torch.Tensor, out: torch.Tensor) -> None:
@@ -92,8 +131,11 @@ class WeightChannel:
                  timeout_s: float = 300.0, transport: str = "broadcast"):
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
-        if transport == "shm" and backend != "gloo":
-            raise ValueError("transport='shm' is for CPU engines on the learner's machine (backend 'gloo')")
+        if transport in REGION_TRANSPORTS and backend != "gloo":
+            raise ValueError(f"transport={transport!r} signals over gloo (backend 'gloo'), got backend {backend!r}")
+        if transport == "cuda_ipc" and not torch.cuda.is_available():
+            raise ValueError("transport='cuda_ipc' is for engines on the sender's GPU; this process sees no CUDA "
+                             "device (CPU engines on one machine: transport='shm')")
         if world < 2:
             raise ValueError(f"world must be >= 2 (a sender and at least one engine), got {world}")
         if not 0 <= rank < world:
@@ -116,11 +158,12 @@ class WeightChannel:
         self._buffers: list[torch.Tensor] = []
         self._in_flight: list = [None, None]   # per buffer: the broadcast still reading / writing it
         self._slot = 0
-        self._region: torch.Tensor | None = None   # shm: the mapped region (rank 0: its creator)
+        self._region: torch.Tensor | None = None   # shm / cuda_ipc: the mapped region (rank 0: its creator)
         self._region_path: str | None = None       # shm sender: the file behind it, until every end has mapped it
-        self._region_name: str | None = None       # shm: the name the region was created / mapped under
-        self._offset = 0                           # shm sender: where the next bucket goes
-        self._open_sync = False                    # shm sender: a sync whose closing barrier is still due
+        self._region_name: str | None = None       # the name the region was created / mapped under
+        self._ipc: str | None = None               # cuda_ipc sender: the region's IPC handle
+        self._offset = 0                           # sender: where the next bucket goes
+        self._open_sync = False                    # sender: a sync whose closing barrier is still due
 
     def _broadcast(self, t: torch.Tensor) -> torch.Tensor:
         self.group.broadcast(t, 0).wait()
@@ -141,48 +184,58 @@ class WeightChannel:
         return slot, self._buffers[slot][:numel]
 
     def flush(self) -> None:
-        """Wait for every broadcast still in flight (shm: the barrier that ends an open sync)."""
+        """Wait for every broadcast still in flight (region transports: the barrier that ends an open sync)."""
         for slot, work in enumerate(self._in_flight):
             if work is not None:
                 work.wait()
                 self._in_flight[slot] = None
         if self._open_sync:
-            self._end_shm_sync()
+            self._end_region_sync()
 
-    # -- shm transport ---------------------------------------------------------------------------
+    # -- region transports (shm, cuda_ipc) ----------------------------------------------------------
     def _signal(self) -> None:
         """One-element broadcast: the bucket rank 0 just packed is in the region."""
         self._broadcast(torch.zeros(1, dtype=torch.int64))
 
-    def _end_shm_sync(self) -> None:
+    def _end_region_sync(self) -> None:
         """Barrier: every engine has loaded the sync; the file goes once every end has mapped it."""
+        if self.transport == "cuda_ipc" and self.rank > 0:
+            torch.cuda.synchronize()     # the engine's reads of the region are done before rank 0 may overwrite it
         self.group.allreduce([torch.zeros(1, dtype=torch.int64)]).wait()
         self._open_sync = False
         if self.rank == 0 and self._region_path is not None:
             os.unlink(self._region_path)
             self._region_path = None
 
-    def _shm_region(self, numel: int, dtype: torch.dtype) -> dict:
-        """Rank 0: a shared region of at least ``numel`` elements (the last one when it fits); its file's name."""
+    def _new_region(self, numel: int, dtype: torch.dtype) -> dict:
+        """Rank 0: a shared region of at least ``numel`` elements (the last one when it fits); how to open it."""
         if self._region is None or self._region.dtype != dtype or self._region.numel() < numel:
-            path = os.path.join(SHM_DIR, f"rlhf_fast_weights_{os.getpid()}_{id(self)}_{numel}")
-            with open(path, "wb") as f:
-                f.truncate(numel * dtype.itemsize)
-            self._region = torch.from_file(path, shared=True, size=numel, dtype=dtype)
-            self._region_path = self._region_name = path
-        return {"path": self._region_name, "numel": self._region.numel()}
+            name = f"rlhf_fast_weights_{os.getpid()}_{id(self)}_{numel}"
+            if self.transport == "shm":
+                path = os.path.join(SHM_DIR, name)
+                with open(path, "wb") as f:
+                    f.truncate(numel * dtype.itemsize)
+                self._region = torch.from_file(path, shared=True, size=numel, dtype=dtype)
+                self._region_path = self._region_name = path
+            else:
+                self._region = torch.empty(numel, dtype=dtype, device="cuda")
+                self._region_name = name
+                self._ipc = ipc_handle(self._region)
+        region = {"path": self._region_name, "numel": self._region.numel()}
+        return {**region, "ipc": self._ipc} if self.transport == "cuda_ipc" else region
 
-    def _shm_flats(self, region: dict, numels: list[int], dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    def _region_flats(self, region: dict, numels: list[int], dtype: torch.dtype) -> Iterator[torch.Tensor]:
         """Receiver: each bucket's flat view of the mapped region once rank 0 signals it, then the barrier."""
         if self._region is None or self._region_name != region["path"]:
-            self._region = torch.from_file(region["path"], shared=True, size=region["numel"], dtype=dtype)
+            self._region = (open_ipc_handle(region["ipc"]) if "ipc" in region else
+                            torch.from_file(region["path"], shared=True, size=region["numel"], dtype=dtype))
             self._region_name = region["path"]
         offset = 0
         for n in numels:
             self._signal()
             yield self._region[offset:offset + n]
             offset += n
-        self._end_shm_sync()
+        self._end_region_sync()
 
     def _broadcast_flats(self, numels: list[int], dtype: torch.dtype) -> Iterator[torch.Tensor]:
         """Receiver: each bucket's flat buffer, bucket i + 1 posted before bucket i is handed out."""
@@ -205,9 +258,9 @@ class WeightChannel:
     def send_plan(self, version: int, plan: list[list[tuple[str, list[int]]]], dtype: torch.dtype) -> None:
         """Announce sync ``version``: the bucket layout (names, shapes) and the one dtype of all tensors."""
         meta = {"dtype": str(dtype), "buckets": plan}
-        if self.transport == "shm":
+        if self.transport in REGION_TRANSPORTS:
             self.flush()
-            meta["shm"], self._offset, self._open_sync = self._shm_region(sum(_numels(plan)), dtype), 0, True
+            meta["region"], self._offset, self._open_sync = self._new_region(sum(_numels(plan)), dtype), 0, True
         else:
             self._reserve(max(_numels(plan)), dtype)
         self.store.set(f"plan/{version}", json.dumps(meta))
@@ -215,15 +268,17 @@ class WeightChannel:
 
     def bucket_buffer(self, numel: int) -> torch.Tensor:
         """A flat buffer of ``numel`` elements for the next bucket: fill it, then :meth:`send_buffer` it."""
-        if self.transport == "shm":
+        if self.transport in REGION_TRANSPORTS:
             self._offset += numel
             return self._region[self._offset - numel:self._offset]
         return self._take(numel)[1]
 
     def send_buffer(self, flat: torch.Tensor) -> None:
         """Start the broadcast of the buffer from :meth:`bucket_buffer` (returns at once; :meth:`flush` waits).
-        shm: signal that the bucket is in the region."""
-        if self.transport == "shm":
+        Region transports: signal that the bucket is in the region (cuda_ipc: once the stream has written it)."""
+        if self.transport in REGION_TRANSPORTS:
+            if self.transport == "cuda_ipc":
+                torch.cuda.current_stream().synchronize()
             self._signal()
             return
         self._in_flight[1 - self._slot] = self.group.broadcast(flat, 0)   # the slot _take just handed out
@@ -243,7 +298,8 @@ class WeightChannel:
         buckets = meta["buckets"][:n]
         ok = version == expected_version
         numels, dtype = _numels(buckets), _dtype(meta["dtype"])
-        flats = self._shm_flats(meta["shm"], numels, dtype) if "shm" in meta else self._broadcast_flats(numels, dtype)
+        flats = (self._region_flats(meta["region"], numels, dtype) if "region" in meta else
+                 self._broadcast_flats(numels, dtype))
         for i, flat in enumerate(flats):        # not zip: the generator's closing barrier must run
             if ok:
                 sizes = [torch.Size(shape).numel() for _, shape in buckets[i]]
@@ -258,6 +314,7 @@ class WeightChannel:
         if self.rank == 0 and self._region_path is not None:
             os.unlink(self._region_path)
         self._buffers, self._in_flight, self._region, self._region_path = [], [None, None], None, None
+        self._ipc = None
         self._open_sync = False
         self.group = None
         self.store = None

@@ -20,7 +20,7 @@ class DistributedPPOConfig(PPOConfig):
     dry_run: bool = key(False, "print the per-rank memory plan (meta device) and exit; starts nothing")
     # the memory plan's knobs (the GPU launch: bf16 parameters, activation checkpointing)
     param_dtype: str = key("bfloat16", "plan: parameter dtype", choices=("bfloat16", "float16", "float32"))
-    engine_tp: int = key(1, "plan: tensor-parallel degree of each engine", ge=1)
+    engine_tp: int = key(1, "tensor-parallel degree of each vLLM engine (its workers; disaggregated only)", ge=1)
     seq_len: int = key(2048, "plan: prompt + response tokens per rollout", ge=1)
     activation_checkpointing: bool = key(True, "plan: recompute each decoder layer in the backward")
     device_memory_gib: float | None = key(None, "plan: memory per device (GiB) the plan must fit in", gt=0)

@@ -44,7 +44,7 @@ def all_gather_rows(local: torch.Tensor, n: int, group=None) -> torch.Tensor:
 
 def global_totals(mask: torch.Tensor, group=None) -> tuple[int, int]:
     """``(N, S)`` of the whole minibatch from this rank's shard ``mask`` ``[b, T]`` (bool)."""
-    totals = torch.tensor(batch_totals(mask), dtype=torch.int64)
+    totals = torch.tensor(batch_totals(mask), dtype=torch.int64, device=mask.device)
     if _world(group) > 1:
         dist.all_reduce(totals, group=group)
     return int(totals[0]), int(totals[1])

@@ -6,7 +6,10 @@ One iteration k (sync mode)::
     batch_k    = the E RolloutBatches merged (one collate: prompts left-, responses right-padded)
     scores     = reward_fn(prompts, completions)                                    (driver)
     learners   make_experience(batch_k) ; update(k)                                 (all W ranks, FSDP2)
-    sync       learner rank 0 broadcasts version k+1 ; every engine receives it    (weight channel)
+    sync       version k+1 from the learners into every engine                    (weight channels)
+               one channel per route of placement.weight_routes: rank 0 -> all engines (disaggregated),
+               the bundle's learner -> its engine (colocated); gloo broadcast / shm on CPU, nccl broadcast /
+               cuda_ipc on GPU (learners on GPU form an NCCL group)
                every engine's weight_version must equal the learners' afterwards, else RuntimeError
 
 Async (one-step off-policy): generation of k+1 is submitted before update k, so it runs on the engines while the
@@ -89,14 +92,16 @@ class DistributedPPO:
     cfg: PPOConfig (critic="separate"); model_dir: the SFT policy (HF directory, also the reference);
     reward_fn(prompts, completions) -> scores; true_score_fn logged as ``true_score``.
     engine: "vllm" | "hf" | "auto"; colocate / async_mode / ray_address as in the module docstring.
-    ``cpus``: CPUs per actor (fractions allowed: 0.5 packs two roles on a core).
+    ``cpus``: CPUs per actor (fractions allowed: 0.5 packs two roles on a core); ``engine_tp``: each engine's
+    tensor-parallel degree (vLLM workers; ``cpus`` / ``gpus`` per worker; disaggregated only).
     """
 
     def __init__(self, cfg, model_dir: str, prompts: list[str], reward_fn: ScoreFn | None = None, *,
                  reward_model=None, learners: int = 1,
                  engines: int = 1, colocate: bool = False, async_mode: bool = False, ray_address: str | None = None,
                  engine: str = "auto", true_score_fn: ScoreFn | None = None, cpus: float = 1.0, gpus: float = 0.0,
-                 critic_state: dict | None = None, max_model_len: int | None = None, memory_budget_bytes=None):
+                 critic_state: dict | None = None, max_model_len: int | None = None, memory_budget_bytes=None,
+                 engine_tp: int = 1):
         from transformers import AutoTokenizer
         from rlhf_fast.distributed.plan import check_fits
         if not prompts:
@@ -105,7 +110,8 @@ class DistributedPPO:
             raise ValueError("give exactly one of reward_fn and reward_model")
         if async_mode and cfg.tis_cap is None:
             cfg = dataclasses.replace(cfg, tis_cap=2.0)
-        check_fits(model_dir, cfg, learners, engines, colocate, memory_budget_bytes)   # before Ray starts anything
+        placement.check_placement(learners, engines, colocate, gpus, engine_tp, engine)     # before Ray starts
+        check_fits(model_dir, cfg, learners, engines, colocate, memory_budget_bytes)
         self.cfg, self.model_dir, self.true_score_fn = cfg, model_dir, true_score_fn
         self.reward_fn, self.reward_model = reward_fn, reward_model
         self.async_mode, self.cpus, self.gpus = async_mode, cpus, gpus
@@ -115,14 +121,16 @@ class DistributedPPO:
         max_model_len = max_model_len or max(len(p) for p in self.prompt_ids) + cfg.max_new_tokens
         self.sleep_mode = colocate and not async_mode    # the engines sleep during the update
         self.engine_args = dict(model_dir=model_dir, kind=engine, max_model_len=max_model_len, seed=cfg.seed,
-                                max_num_seqs=cfg.batch_size * cfg.samples_per_prompt, sleep_mode=self.sleep_mode)
+                                max_num_seqs=cfg.batch_size * cfg.samples_per_prompt, sleep_mode=self.sleep_mode,
+                                tp=engine_tp)
         self.kl_ctl = make_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        self.loopback = ray_address in (None, "", "local")
         self.started_ray = placement.connect(ray_address)
-        placement.check_resources(learners, engines, colocate, cpus, gpus)
+        placement.check_resources(learners, engines, colocate, cpus, gpus, engine_tp)
+        self.channel_backend, self.transport, self.routes = placement.weight_routes(learners, engines, colocate,
+                                                                                    gpus, self.loopback)
         import ray
         self.ray = ray
-        self.loopback = ray_address in (None, "", "local")
-        self.transport = "shm" if self.loopback and not gpus else "broadcast"   # weight channel: one machine, CPU
         self.learners, self.engines, self.pg = placement.start_actors(learners, engines, self.engine_args, colocate,
                                                                       cpus, gpus, self.loopback)
         self.version = 0
@@ -130,10 +138,9 @@ class DistributedPPO:
         self.engine_restarts = 0
         self._pending = None
         try:
-            host, port, self.channel_port = ray.get(self.learners[0].address.remote(self.loopback))
-            self.host = host
-            ray.get([a.setup.remote(r, learners, host, port, model_dir, cfg, critic_state)
-                     for r, a in enumerate(self.learners)])
+            host, port, _ = ray.get(self.learners[0].address.remote(self.loopback))
+            ray.get([a.setup.remote(r, learners, host, port, model_dir, cfg, critic_state,
+                                    backend="nccl" if gpus else "gloo") for r, a in enumerate(self.learners)])
             self._join_channel()
         except BaseException:
             self.close()      # no actor outlives a failed start
@@ -174,15 +181,15 @@ class DistributedPPO:
         return sorted(dead)
 
     def _join_channel(self) -> None:
-        from rlhf_fast.distributed.channel import free_port
-        world = 1 + len(self.engines)
-        if getattr(self, "_joined", False):
-            self.channel_port = free_port(self.host)
-        self._get([self.learners[0].call.remote("join_channel", self.host, self.channel_port, world,
-                                                transport=self.transport)] +
-                  [e.join_channel.remote(self.host, self.channel_port, 1 + i, world, transport=self.transport)
-                   for i, e in enumerate(self.engines)])
-        self._joined = True
+        """One weight channel per route (:func:`placement.weight_routes`), at a fresh port on its sender's host."""
+        kw = dict(backend=self.channel_backend, transport=self.transport)
+        addresses = self._get([self.learners[r].address.remote(self.loopback) for r, _ in self.routes])
+        joins = []
+        for (rank, ids), (host, _, port) in zip(self.routes, addresses):
+            joins.append(self.learners[rank].call.remote("join_channel", host, port, 1 + len(ids), **kw))
+            joins += [self.engines[e].join_channel.remote(host, port, 1 + j, 1 + len(ids), **kw)
+                      for j, e in enumerate(ids)]
+        self._get(joins)
 
     def sync(self) -> float:
         """Broadcast the learners' weights (version = updates so far) into every engine; returns seconds."""

@@ -17,11 +17,13 @@ from rlhf_fast.rollout import RolloutBatch
 
 
 class EngineWorker:
-    """``EngineWorker(model_dir, kind="vllm", max_model_len=256, seed=0, max_num_seqs=None, sleep_mode=False)``;
-    ``sleep_mode``: colocated, able to sleep during the update (:meth:`set_asleep`)."""
+    """``EngineWorker(model_dir, kind="vllm", max_model_len=256, seed=0, max_num_seqs=None, sleep_mode=False,
+    tp=1)``; ``sleep_mode``: colocated, able to sleep during the update (:meth:`set_asleep`); ``tp``: vLLM's
+    tensor-parallel workers (subprocesses of this actor; each bucket reaches them through ``collective_rpc``,
+    and each loads its own shard of every tensor)."""
 
     def __init__(self, model_dir: str, kind: str = "vllm", max_model_len: int = 256, seed: int = 0,
-                 max_num_seqs: int | None = None, sleep_mode: bool = False):
+                 max_num_seqs: int | None = None, sleep_mode: bool = False, tp: int = 1):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from rlhf_fast.trainer.engines import build_engine
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -30,7 +32,7 @@ class EngineWorker:
         if kind == "hf":
             hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.engine = build_engine(kind, hf, tokenizer, model_dir, max_model_len, seed=seed,
-                                   max_num_seqs=max_num_seqs, sleep_mode=sleep_mode)
+                                   max_num_seqs=max_num_seqs, sleep_mode=sleep_mode, tp=tp)
         self.is_vllm = hasattr(self.engine, "llm")
         self.channel: WeightChannel | None = None
 
@@ -62,6 +64,11 @@ class EngineWorker:
             return False
         from rlhf_fast.rollout import vllm_compat
         return vllm_compat.set_asleep(self.engine.llm, asleep)
+
+    def tensor_parallel_size(self) -> int:
+        """The tensor-parallel degree vLLM runs this engine with (1 for HF)."""
+        from rlhf_fast.rollout import vllm_compat
+        return vllm_compat.tensor_parallel_size(self.engine.llm) if self.is_vllm else 1
 
     def weight_version(self) -> int:
         return self.engine.weight_version

@@ -12,8 +12,12 @@ Per iteration, on every rank (the driver calls all ranks at once; all run the sa
                       this rank's rows M_r (x grad_accum micro-batches) -> backward of W * algos.ppo_objective
                       -> FSDP2 reduce-scatter (mean) -> clip_grad_norm_ -> AdamW
     sync_weights(v)   per bucket of whole layers: each tensor all-gathered from its shards straight into the
-                      bucket's flat buffer (a collective over learners); rank 0 broadcasts the buffer over the
-                      weight channel (rlhf_fast.distributed.channel) while the next bucket is gathered
+                      bucket's flat buffer (a collective over learners); each sender rank (one per weight
+                      channel, placement.weight_routes) sends the buffer to its engines
+                      (rlhf_fast.distributed.channel) while the next bucket is gathered
+
+Devices: an NCCL learner group (GPU actors) keeps the models, the batch and the experience on the rank's GPU;
+a gloo group keeps everything on the host.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 from rlhf_fast.algos import AdvantageParams, Outputs, make_experience, ppo_objective
-from rlhf_fast.distributed.channel import WeightChannel, pack
+from rlhf_fast.distributed.channel import WeightChannel, buffer_device, pack
 from rlhf_fast.distributed.dp import all_gather_rows, global_totals, shard_rows
 from rlhf_fast.models.policy_logprobs import policy_logprobs
 from rlhf_fast.models.value_model import ValueModel, base_model
@@ -68,7 +72,7 @@ def gather_into(t: torch.Tensor, out: torch.Tensor) -> None:
 
     One rank: its shard is the whole tensor (one copy). Even shards: ``all_gather_into_tensor`` writes the W
     shards straight into ``out`` (dim-0 concatenation = the Shard(0) layout). Uneven (padded) shards:
-    ``full_tensor()`` then a copy."""
+    ``full_tensor()`` then a copy. ``out`` is on the shards' device (every rank takes the same branch)."""
     if not hasattr(t, "to_local"):
         out.copy_(t)
         return
@@ -82,9 +86,12 @@ def gather_into(t: torch.Tensor, out: torch.Tensor) -> None:
 
 
 def init_learner_group(rank: int, world: int, port: int, host: str = "127.0.0.1", backend: str = "gloo") -> None:
-    """The learners' default process group (FSDP2's), rendezvous over TCP at ``host:port``."""
+    """The learners' default process group (FSDP2's), rendezvous over TCP at ``host:port``; ``"nccl"``: on this
+    process's first visible GPU (a Ray actor sees the GPUs it was given)."""
     if host in ("127.0.0.1", "localhost"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if backend == "nccl":
+        torch.cuda.set_device(0)
     dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=600))
 
@@ -108,14 +115,16 @@ class Learner:
             raise ValueError(f"minibatch_size ({cfg.minibatch_size}) must be >= learners x grad_accum "
                              f"({world} x {cfg.grad_accum}): every rank needs a row per micro-batch")
         self.rank, self.world, self.cfg = rank, world, cfg
+        self.device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else \
+            torch.device("cpu")
         self.version = 0
         self.channel: WeightChannel | None = None
-        self._gather_buf: torch.Tensor | None = None   # rank > 0: output of the sync's all-gathers
+        self._gather_buf: torch.Tensor | None = None   # a non-sender's output of the sync's all-gathers
         self.exp: dict | None = None
         torch.manual_seed(cfg.seed)
 
         def load():
-            return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(self.device)
         hf = load()
         self.use_ref = cfg.uses_ref
         self.critic = None
@@ -135,12 +144,16 @@ class Learner:
     # -- weight channel -----------------------------------------------------------------------------
     def join_channel(self, host: str, port: int, world: int, backend: str = "gloo",
                      transport: str = "broadcast") -> None:
-        """Rank 0 becomes rank 0 (sender) of a new weight channel (the last one closed); other ranks have nothing
-        to join."""
-        if self.rank == 0:
-            if self.channel is not None:
-                self.channel.close()
-            self.channel = WeightChannel(host, port, 0, world, backend=backend, transport=transport)
+        """This rank becomes the sender (rank 0) of a new weight channel to ``world - 1`` engines (its last one
+        closed). The channel's buffers live where the shards do (the all-gathers write into them): gloo
+        broadcast / shm for CPU learners, nccl / cuda_ipc for GPU learners."""
+        if buffer_device(backend, transport) != self.device.type:
+            raise ValueError(f"a weight channel ({backend}, {transport}) cannot take the all-gathers of learners "
+                             f"on {self.device.type}: CPU learners use gloo broadcast or shm, GPU learners nccl "
+                             f"broadcast or cuda_ipc")
+        if self.channel is not None:
+            self.channel.close()
+        self.channel = WeightChannel(host, port, 0, world, backend=backend, transport=transport)
 
     def sync_weights(self, dtype: torch.dtype = torch.float32, bucket_bytes: int = 64 * 2**20) -> int:
         """Gather the full policy bucket by bucket straight into the channel's buffer and broadcast it to the
@@ -149,24 +162,23 @@ class Learner:
         64 MB buckets: enough of them (M100: 7) for transfer and the engines' reload to overlap, few enough
         that the per-call cost of ``reload_weights`` (~5 ms) stays small."""
         buckets = plan_buckets(engine_weights(self.policy.module, dtype), bucket_bytes)   # DTensors, global shapes
-        if self.rank == 0:
-            if self.channel is None:
-                raise RuntimeError("join_channel first: learner rank 0 has no weight channel")
+        sender = self.channel is not None       # ranks without engines of their own only take part in the gathers
+        if sender:
             self.channel.send_plan(self.version, [[(n, list(t.shape)) for n, t in b] for b in buckets], dtype)
         for bucket in buckets:
             numel = sum(t.numel() for _, t in bucket)
-            flat = self.channel.bucket_buffer(numel) if self.rank == 0 else self._scratch(numel, dtype)
+            flat = self.channel.bucket_buffer(numel) if sender else self._scratch(numel, dtype)
             pack(bucket, flat, gather_into)
-            if self.rank == 0:
+            if sender:
                 self.channel.send_buffer(flat)
-        if self.rank == 0:
+        if sender:
             self.channel.flush()
         return self.version
 
     def _scratch(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """Rank > 0's output of the all-gathers (rank 0 gathers into the channel's buffer)."""
+        """A non-sender's output of the all-gathers (a sender gathers into its channel's buffer)."""
         if self._gather_buf is None or self._gather_buf.numel() < numel or self._gather_buf.dtype != dtype:
-            self._gather_buf = torch.empty(numel, dtype=dtype)
+            self._gather_buf = torch.empty(numel, dtype=dtype, device=self.device)
         return self._gather_buf[:numel]
 
     def full_state_dict(self) -> dict:
@@ -209,6 +221,7 @@ class Learner:
     def make_experience(self, batch: RolloutBatch, scores: torch.Tensor, kl_coef: float) -> dict:
         """Score this rank's rows, gather, build the whole-batch experience; returns the trainer's stats."""
         cfg, B = self.cfg, len(batch)
+        batch, scores = batch.to(self.device), scores.to(self.device)
         P = batch.prompt_length
         seq = (batch.input_ids, batch.attention_mask, batch.response_mask_full)
         rows = shard_rows(B, self.world, self.rank)
@@ -281,7 +294,7 @@ class Learner:
     def _reduce_stats(self, local: dict[str, float]) -> dict[str, float]:
         """Shares summed over ranks, means averaged over ranks."""
         keys = sorted(local)
-        t = torch.tensor([local[k] for k in keys], dtype=torch.float64)
+        t = torch.tensor([local[k] for k in keys], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return {k: float(v) / (1 if k in SHARE_KEYS else self.world) for k, v in zip(keys, t)}
 

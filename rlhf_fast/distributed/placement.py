@@ -1,9 +1,11 @@
 """Where the roles run: a Ray cluster (local by default), W learner actors and E engine actors.
 
-Resources per actor (``cpus`` each, ``gpus`` each on GPU clusters)::
+Resources per actor (``cpus`` each, ``gpus`` each on GPU clusters; an engine of tensor-parallel degree ``tp``
+takes ``tp`` shares, one per vLLM worker)::
 
-    disaggregated   W learners + E engines, each its own share:     need (W + E) * cpus  CPUs
-    colocated       learner i and engine i share a placement bundle: need max(W, E) * cpus CPUs  (each half of it)
+    disaggregated   W learners + E engines, each its own share:     need (W + E * tp) * cpus  CPUs
+    colocated       learner i and engine i share a placement bundle: need max(W, E) * cpus CPUs  (each half of it;
+                    tp = 1 only)
 
 Both are checked against the cluster before any actor starts (:func:`check_resources`), and an explicit
 ``--ray-address`` is probed with a TCP connect first (:func:`check_address`), so a typo fails in a second.
@@ -15,20 +17,28 @@ from __future__ import annotations
 import os
 import socket
 
+class LaunchError(ValueError):
+    """The run cannot start as configured or placed; raised before any actor starts (the CLI: one line, exit 2)."""
+
+
+class ClusterUnreachable(LaunchError, ConnectionError):
+    """Nothing answers at ``ray_address``."""
+
+
 ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
 LOOPBACK_ENV = {"GLOO_SOCKET_IFNAME": "lo"}   # gloo on 127.0.0.1 (a single-machine cluster)
 
 
 def check_address(address: str, timeout_s: float = 3.0) -> None:
-    """``host:port`` of a running Ray head (GCS); ConnectionError when nothing answers there."""
+    """``host:port`` of a running Ray head (GCS); ClusterUnreachable (a ConnectionError) when nothing answers."""
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or not host:
-        raise ValueError(f"ray_address must be 'host:port' (e.g. 10.0.0.1:6379) or 'auto', got {address!r}")
+        raise LaunchError(f"ray_address must be 'host:port' (e.g. 10.0.0.1:6379) or 'auto', got {address!r}")
     try:
         with socket.create_connection((host, int(port)), timeout=timeout_s):
             pass
     except OSError as e:
-        raise ConnectionError(f"no Ray cluster answers at ray_address={address!r} ({e}); start one with "
+        raise ClusterUnreachable(f"no Ray cluster answers at ray_address={address!r} ({e}); start one with "
                               f"`ray start --head --port {port}` or omit --ray-address for a local cluster") from e
 
 
@@ -47,18 +57,54 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     return True
 
 
-def check_resources(learners: int, engines: int, colocate: bool, cpus: float = 1.0, gpus: float = 0.0) -> None:
-    """ValueError when the cluster cannot hold the roles (see the module docstring)."""
-    import ray
-    for name, v in (("learners", learners), ("engines", engines)):
+def check_placement(learners: int, engines: int, colocate: bool, gpus: float = 0.0, tp: int = 1,
+                    engine: str = "auto") -> None:
+    """LaunchError when the roles cannot be placed that way, whatever the cluster (no Ray needed)."""
+    for name, v in (("learners", learners), ("engines", engines), ("engine_tp", tp)):
         if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+            raise LaunchError(f"{name} must be a positive int, got {v!r}")
+    if tp > 1 and (colocate or engine == "hf"):
+        raise LaunchError(f"engine_tp must be 1 for {'colocated' if colocate else 'HF'} engines, got {tp}: "
+                         f"tensor-parallel engines are vLLM engines placed disaggregated")
+    if colocate and gpus and engines > learners:
+        raise LaunchError(f"colocated GPU engines load their weights by CUDA IPC from the learner on their GPU: "
+                         f"engines ({engines}) must be <= learners ({learners})")
+
+
+def check_resources(learners: int, engines: int, colocate: bool, cpus: float = 1.0, gpus: float = 0.0,
+                    tp: int = 1) -> None:
+    """LaunchError when the cluster cannot hold the roles (see the module docstring)."""
+    import ray
     have = ray.cluster_resources()
-    slots = max(learners, engines) if colocate else learners + engines
+    slots = max(learners, engines) if colocate else learners + engines * tp
     for res, per in (("CPU", cpus), ("GPU", gpus)):
         if per > 0 and slots * per > have.get(res, 0.0) + 1e-9:
-            raise ValueError(f"{learners} learners + {engines} engines ({'colocated' if colocate else 'disaggregated'}"
+            raise LaunchError(f"{learners} learners + {engines} engines ({'colocated' if colocate else 'disaggregated'}"
                              f") need {slots * per:g} {res}s, the Ray cluster has {have.get(res, 0.0):g}")
+
+
+Route = tuple[int, list[int]]     # (sender learner rank, the engines it sends to)
+
+
+def weight_routes(learners: int, engines: int, colocate: bool, gpus: float = 0.0, loopback: bool = True
+                  ) -> tuple[str, str, list[Route]]:
+    """``(backend, transport, routes)`` of the weight sync (:mod:`rlhf_fast.distributed.channel`), one channel
+    per route::
+
+        CPU disaggregated   gloo  shm (one machine) / broadcast   rank 0 -> every engine
+        CPU colocated       gloo  shm (one machine) / broadcast   rank e % W -> engine e   (its bundle's learner)
+        GPU disaggregated   nccl  broadcast                       rank 0 -> every engine
+        GPU colocated       gloo  cuda_ipc                        rank e -> engine e       (their shared GPU)
+
+    Every learner all-gathers every tensor anyway, so each sender packs the buckets for its own engines.
+    A placement :func:`check_placement` accepts."""
+    if not gpus:
+        routes = ([(r, list(range(r, engines, learners))) for r in range(min(learners, engines))] if colocate
+                  else [(0, list(range(engines)))])
+        return "gloo", "shm" if loopback else "broadcast", routes
+    if not colocate:
+        return "nccl", "broadcast", [(0, list(range(engines)))]
+    return "gloo", "cuda_ipc", [(e, [e]) for e in range(engines)]
 
 
 class LearnerRole:
@@ -119,8 +165,10 @@ def start_actors(learners: int, engines: int, engine_args: dict, colocate: bool 
 
 def start_engine(engine_args: dict, cpus: float = 1.0, gpus: float = 0.0, loopback: bool = True, pg=None,
                  bundle: int | None = None):
-    """One engine actor (also the replacement of a dead one, then outside any placement group)."""
+    """One engine actor (also the replacement of a dead one, then outside any placement group); ``cpus`` and
+    ``gpus`` per tensor-parallel worker (``engine_args["tp"]``)."""
     import ray
     from rlhf_fast.distributed.engine import EngineWorker
     env = {**ENGINE_ENV, **(LOOPBACK_ENV if loopback else {})}
-    return ray.remote(EngineWorker).options(**_options(cpus, gpus, pg, bundle, env)).remote(**engine_args)
+    tp = engine_args.get("tp", 1)
+    return ray.remote(EngineWorker).options(**_options(cpus * tp, gpus * tp, pg, bundle, env)).remote(**engine_args)

@@ -35,6 +35,8 @@ import tempfile
 
 import torch
 
+from rlhf_fast.distributed.placement import LaunchError
+
 GiB = 2**30
 _BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -159,7 +161,7 @@ def device_memory_bytes() -> int:
 
 def check_fits(model_dir: str, cfg, learners: int, engines: int, colocate: bool, budget_bytes: int | None = None,
                seq_len: int | None = None) -> MemoryPlan:
-    """The plan for a run of ``cfg`` (PPOConfig); ValueError when its device peak exceeds ``budget_bytes``
+    """The plan for a run of ``cfg`` (PPOConfig); LaunchError when its device peak exceeds ``budget_bytes``
     (default: :func:`device_memory_bytes`; on CPU all roles share the host, so the sum over roles counts)."""
     on_gpu = torch.cuda.is_available()
     plan = memory_plan(model_dir, learners=learners, engines=engines, colocate=colocate, estimator=cfg.estimator,
@@ -170,7 +172,7 @@ def check_fits(model_dir: str, cfg, learners: int, engines: int, colocate: bool,
     budget = budget_bytes if budget_bytes is not None else device_memory_bytes()
     need = plan.peak_device if on_gpu else learners * sum(plan.learner.values()) + engines * sum(plan.engine.values())
     if need > budget:
-        raise ValueError(f"the model in {model_dir} does not fit: the plan needs {need / GiB:.2f} GiB "
+        raise LaunchError(f"the model in {model_dir} does not fit: the plan needs {need / GiB:.2f} GiB "
                          f"{'per device' if on_gpu else 'of host memory'}, {budget / GiB:.2f} GiB available\n"
                          f"{plan.table()}")
     return plan

@@ -64,6 +64,10 @@ def engine_dtype(llm) -> torch.dtype:
     return llm.llm_engine.model_config.dtype
 
 
+def tensor_parallel_size(llm) -> int:
+    return llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size
+
+
 def sampling_params(*, n: int, temperature: float, top_p: float, top_k: int | None, max_tokens: int,
                     stop_token_ids: list[int], seed: int | None):
     """One request's SamplingParams; ``logprobs=0`` returns the sampled token's log-prob only."""
