@@ -3,7 +3,9 @@
     copy bandwidth  = 2 * nbytes(src) / t(dst.copy_(src))        bytes read + written per second
     matmul rate     = 2 * n**3 / t(a @ b)                          FLOP/s, fp32 on CPU, bf16 on CUDA
 
-each the median over repetitions on tensors far larger than the caches. A row with ``bytes_moved``
+each from the 20th-percentile time over repetitions on tensors far larger than the caches (a peak rate: the
+faster repetitions, which a transient load elsewhere on the machine cannot slow; 2026-12-04 a median over
+1 s read half the matmul rate while another process started). A row with ``bytes_moved``
 and/or ``flops`` gets the roofline time of the op::
 
     limit_ms     = max(bytes_moved / bandwidth, flops / matmul rate) * 1e3
@@ -21,13 +23,13 @@ def measure(device: str, quick: bool) -> dict:
     copy_mib = 1024 if device == "cuda" else 256
     src = torch.ones(copy_mib * 2**18, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    t_copy = time_impl(lambda _: dst.copy_(src), {}, device, min_reps=10, budget_s=1.0)["median_ms"]
+    t_copy = time_impl(lambda _: dst.copy_(src), {}, device, min_reps=10, budget_s=1.0)["p20_ms"]
     del src, dst
     n = 8192 if device == "cuda" else (1536 if quick else 2048)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
-    t_mm = time_impl(lambda _: a @ b, {}, device, min_reps=5, budget_s=1.0 if quick else 3.0)["median_ms"]
+    t_mm = time_impl(lambda _: a @ b, {}, device, min_reps=5, budget_s=1.0 if quick else 3.0)["p20_ms"]
     del a, b
     if device == "cuda":
         torch.cuda.empty_cache()

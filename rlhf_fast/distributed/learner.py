@@ -129,7 +129,7 @@ class Learner:
         self.use_ref = cfg.uses_ref
         self.critic = None
         if cfg.estimator == "gae":
-            self.critic = ValueModel(copy.deepcopy(base_model(hf)))
+            self.critic = ValueModel(copy.deepcopy(base_model(hf))).to(self.device)
             if critic_state is not None:
                 self.critic.load_state_dict(critic_state)
             shard_model(self.critic, self.critic.backbone.layers)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import socket
 
+
 class LaunchError(ValueError):
     """The run cannot start as configured or placed; raised before any actor starts (the CLI: one line, exit 2)."""
 
@@ -39,7 +40,7 @@ def check_address(address: str, timeout_s: float = 3.0) -> None:
             pass
     except OSError as e:
         raise ClusterUnreachable(f"no Ray cluster answers at ray_address={address!r} ({e}); start one with "
-                              f"`ray start --head --port {port}` or omit --ray-address for a local cluster") from e
+                                 f"`ray start --head --port {port}` or omit --ray-address for a local cluster") from e
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
@@ -65,10 +66,10 @@ def check_placement(learners: int, engines: int, colocate: bool, gpus: float = 0
             raise LaunchError(f"{name} must be a positive int, got {v!r}")
     if tp > 1 and (colocate or engine == "hf"):
         raise LaunchError(f"engine_tp must be 1 for {'colocated' if colocate else 'HF'} engines, got {tp}: "
-                         f"tensor-parallel engines are vLLM engines placed disaggregated")
+                          f"tensor-parallel engines are vLLM engines placed disaggregated")
     if colocate and gpus and engines > learners:
         raise LaunchError(f"colocated GPU engines load their weights by CUDA IPC from the learner on their GPU: "
-                         f"engines ({engines}) must be <= learners ({learners})")
+                          f"engines ({engines}) must be <= learners ({learners})")
 
 
 def check_resources(learners: int, engines: int, colocate: bool, cpus: float = 1.0, gpus: float = 0.0,
@@ -80,7 +81,7 @@ def check_resources(learners: int, engines: int, colocate: bool, cpus: float = 1
     for res, per in (("CPU", cpus), ("GPU", gpus)):
         if per > 0 and slots * per > have.get(res, 0.0) + 1e-9:
             raise LaunchError(f"{learners} learners + {engines} engines ({'colocated' if colocate else 'disaggregated'}"
-                             f") need {slots * per:g} {res}s, the Ray cluster has {have.get(res, 0.0):g}")
+                              f") need {slots * per:g} {res}s, the Ray cluster has {have.get(res, 0.0):g}")
 
 
 Route = tuple[int, list[int]]     # (sender learner rank, the engines it sends to)

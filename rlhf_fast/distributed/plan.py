@@ -173,8 +173,8 @@ def check_fits(model_dir: str, cfg, learners: int, engines: int, colocate: bool,
     need = plan.peak_device if on_gpu else learners * sum(plan.learner.values()) + engines * sum(plan.engine.values())
     if need > budget:
         raise LaunchError(f"the model in {model_dir} does not fit: the plan needs {need / GiB:.2f} GiB "
-                         f"{'per device' if on_gpu else 'of host memory'}, {budget / GiB:.2f} GiB available\n"
-                         f"{plan.table()}")
+                          f"{'per device' if on_gpu else 'of host memory'}, {budget / GiB:.2f} GiB available\n"
+                          f"{plan.table()}")
     return plan
 
 
