@@ -1,4 +1,9 @@
-"""Shared builders for the trainer tests: the sorting task's tokenizer and 1-layer Llamas (head_dim 64)."""
+"""Shared builders for the trainer tests: the sorting task's tokenizer and 1-layer Llamas (head_dim 64); a real
+SIGKILL of a run once it has written a file."""
+import signal
+import subprocess
+import time
+
 import pytest
 import torch
 
@@ -6,6 +11,16 @@ from rlhf_fast.data import SortTask, build_tokenizer
 from rlhf_fast.models import build_tiny_llama, tiny_llama_config
 
 TIMING_KEYS = {"step_seconds", "time_generate", "time_score", "time_update", "time_sync", "time_online_rm"}
+
+
+def sigkill_when(proc: subprocess.Popen, path, timeout_s: float = 300.0) -> None:
+    """SIGKILL ``proc`` as soon as ``path`` exists (or it exits, or ``timeout_s`` passes) and assert it died of it."""
+    deadline = time.time() + timeout_s
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
 
 
 def tokenizer():

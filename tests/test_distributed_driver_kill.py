@@ -4,7 +4,6 @@ it, and ``--learners 1 --resume`` continues from that checkpoint on one learner 
 import glob
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from _trainer_common import tiny_policy, tokenizer  # noqa: E402
+from _trainer_common import sigkill_when, tiny_policy, tokenizer  # noqa: E402
 from rlhf_fast.data import SortTask, write_jsonl  # noqa: E402
 from rlhf_fast.models import RewardModel, save_model  # noqa: E402
 
@@ -59,13 +58,7 @@ def test_killed_driver_resumes_on_one_learner(tmp_path):
     assert not _role_pids(), "another run's actors are alive on this machine"
 
     proc = subprocess.Popen(_cmd(tmp_path, 2), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    marker = tmp_path / "run" / "checkpoints" / "step_000002" / "driver.json"
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
+    sigkill_when(proc, tmp_path / "run" / "checkpoints" / "step_000002" / "driver.json")
     assert not (tmp_path / "run" / "checkpoints" / f"step_{STEPS:06d}").exists(), "finished before the kill"
     deadline = time.time() + 60
     while _role_pids() and time.time() < deadline:       # the actors share the driver's fate

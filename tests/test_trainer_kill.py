@@ -6,16 +6,14 @@ the last bits of a matmul (MKL picks kernels by buffer alignment; MKL_CBWR=COMPA
 while resuming within one process is bit-exact (test_trainer_ppo.py::test_ppo_resume_is_exact)."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from _trainer_common import strip_timings, tiny_policy, tokenizer
+from _trainer_common import sigkill_when, strip_timings, tiny_policy, tokenizer
 from rlhf_fast.data import SortTask, write_jsonl
 from rlhf_fast.models import RewardModel, save_model
 
@@ -58,13 +56,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(assets, tmp_path):
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_cmd(assets, killed), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    first = killed / "checkpoints" / "step_000002"
-    deadline = time.time() + 240
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    sigkill_when(proc, killed / "checkpoints" / "step_000002", timeout_s=240)
     done = sorted(os.listdir(killed / "checkpoints"))
     assert f"step_{STEPS:06d}" not in done, "the run finished before it could be killed"
 
