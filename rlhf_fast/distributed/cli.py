@@ -11,7 +11,7 @@ GiB = 2**30
 
 
 def check_placement(cfg: DistributedPPOConfig) -> None:
-    """:func:`placement.check_placement` of ``cfg``'s roles (LaunchError)."""
+    """:func:`placement.check_placement` of ``cfg``'s roles (LaunchError; no Ray, no model)."""
     from rlhf_fast.distributed import placement
     placement.check_placement(cfg.learners, cfg.engines, cfg.colocate, cfg.gpus_per_actor, cfg.engine_tp,
                               cfg.engine)
@@ -19,7 +19,7 @@ def check_placement(cfg: DistributedPPOConfig) -> None:
 
 def dry_run(cfg: DistributedPPOConfig) -> str:
     """The memory plan of ``cfg``, built on the meta device; ConfigError when it exceeds ``device_memory_gib``."""
-    from rlhf_fast.distributed.placement import LaunchError, weight_routes
+    from rlhf_fast.distributed.placement import LaunchError, local_cluster, weight_routes
     from rlhf_fast.distributed.plan import config_plan
     plan = config_plan(cfg)
     head = (f"plan: {cfg.learners} learner ranks (FSDP2), {cfg.engines} engines (tp {cfg.engine_tp}), "
@@ -30,7 +30,7 @@ def dry_run(cfg: DistributedPPOConfig) -> str:
         sync = f"not launchable yet: {e}"
     else:
         backend, transport, routes = weight_routes(cfg.learners, cfg.engines, cfg.colocate, cfg.gpus_per_actor,
-                                                   loopback=cfg.ray_address is None)
+                                                   loopback=local_cluster(cfg.ray_address))
         sync = f"{backend} {transport}, " + ("rank 0 -> every engine" if len(routes) == 1 else
                                              f"{len(routes)} sender ranks, each -> the engine(s) of its bundle")
     text = f"{head}\nweight sync: {sync}\n{plan.table()}"
@@ -45,23 +45,18 @@ def cmd_ppo_dist(cfg: DistributedPPOConfig, resume: bool) -> None:
         print(dry_run(cfg))
         return
     from transformers import AutoTokenizer
-    from rlhf_fast.distributed import placement
     from rlhf_fast.distributed.driver import DistributedPPO, LearnerDiedError
-    from rlhf_fast.models import RewardModel
     from rlhf_fast.preflight import read_data
-    check_placement(cfg)     # LaunchError: one line (as every check of the driver before an actor starts)
+    check_placement(cfg)     # before anything is read; the cluster's checks run in DistributedPPO
     if not cfg.reward_model:
         raise SystemExit("error: --reward-model PATH is required")
     tok = AutoTokenizer.from_pretrained(cfg.model)
     prompts = [r["prompt"] for _, r in read_data(cfg, "prompts", "prompts", tok)]
-    placement.connect(cfg.ray_address)       # the cluster's checks, before the reward model is loaded
-    placement.check_resources(cfg.learners, cfg.engines, cfg.colocate, cfg.cpus_per_actor, cfg.gpus_per_actor,
-                              cfg.engine_tp)
-    rm = RewardModel.from_pretrained(cfg.reward_model).eval()
-    run = DistributedPPO(cfg, cfg.model, prompts, reward_model=rm, learners=cfg.learners, engines=cfg.engines,
-                         colocate=cfg.colocate, async_mode=cfg.async_mode, ray_address=cfg.ray_address,
-                         engine=cfg.engine, cpus=cfg.cpus_per_actor, gpus=cfg.gpus_per_actor,
-                         engine_tp=cfg.engine_tp)
+    # DistributedPPO loads the reward model after its pre-start checks (LaunchError: one line)
+    run = DistributedPPO(cfg, cfg.model, prompts, reward_model=cfg.reward_model, learners=cfg.learners,
+                         engines=cfg.engines, colocate=cfg.colocate, async_mode=cfg.async_mode,
+                         ray_address=cfg.ray_address, engine=cfg.engine, cpus=cfg.cpus_per_actor,
+                         gpus=cfg.gpus_per_actor, engine_tp=cfg.engine_tp)
     try:
         run.train(resume=resume)
         run.save_policy(os.path.join(cfg.out_dir, "policy"), tok)

@@ -90,7 +90,8 @@ class DistributedPPO:
     """``DistributedPPO(cfg, model_dir, prompts, reward_fn, learners=1, engines=1, ...)``; ``train()``; ``close()``.
 
     cfg: PPOConfig (critic="separate"); model_dir: the SFT policy (HF directory, also the reference);
-    reward_fn(prompts, completions) -> scores; true_score_fn logged as ``true_score``.
+    reward_fn(prompts, completions) -> scores, or reward_model (a RewardModel, or its directory, loaded after every
+    pre-start check); true_score_fn logged as ``true_score``.
     engine: "vllm" | "hf" | "auto"; colocate / async_mode / ray_address as in the module docstring.
     ``cpus``: CPUs per actor (fractions allowed: 0.5 packs two roles on a core); ``engine_tp``: each engine's
     tensor-parallel degree (vLLM workers; ``cpus`` / ``gpus`` per worker; disaggregated only).
@@ -124,9 +125,12 @@ class DistributedPPO:
                                 max_num_seqs=cfg.batch_size * cfg.samples_per_prompt, sleep_mode=self.sleep_mode,
                                 tp=engine_tp)
         self.kl_ctl = make_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-        self.loopback = ray_address in (None, "", "local")
+        self.loopback = placement.local_cluster(ray_address)
         self.started_ray = placement.connect(ray_address)
         placement.check_resources(learners, engines, colocate, cpus, gpus, engine_tp)
+        if isinstance(reward_model, (str, os.PathLike)):     # a directory: loaded once the checks have passed
+            from rlhf_fast.models import RewardModel
+            self.reward_model = RewardModel.from_pretrained(reward_model).eval()
         self.channel_backend, self.transport, self.routes = placement.weight_routes(learners, engines, colocate,
                                                                                     gpus, self.loopback)
         import ray

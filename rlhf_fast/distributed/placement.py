@@ -43,14 +43,19 @@ def check_address(address: str, timeout_s: float = 3.0) -> None:
                                  f"`ray start --head --port {port}` or omit --ray-address for a local cluster") from e
 
 
+def local_cluster(address: str | None) -> bool:
+    """Whether ``ray_address`` asks for a local single-machine cluster (none given, or "local")."""
+    return address in (None, "", "local")
+
+
 def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Connect to ``address`` (or start a local cluster); returns True when this call started Ray."""
     import ray
-    if address not in (None, "", "local", "auto"):
+    if not local_cluster(address) and address != "auto":
         check_address(address)
     if ray.is_initialized():
         return False
-    if address in (None, "", "local"):
+    if local_cluster(address):
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     else:
