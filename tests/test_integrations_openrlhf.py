@@ -131,3 +131,15 @@ def test_untested_version_raises_and_patches_nothing(utils, monkeypatch):
     with pytest.raises(RuntimeError, match=r"checked against openrlhf.*found openrlhf 0\.12\.0"):
         fast.enable()
     assert utils.compute_approx_kl is before
+
+
+def test_peer_that_does_not_import_is_one_clear_error(monkeypatch):
+    """OpenRLHF's ``openrlhf.models`` imports flash-attn: a missing dependency of the peer's is named, not a bare
+    traceback from inside the peer, and nothing is patched."""
+    def broken():
+        raise ModuleNotFoundError("No module named 'flash_attn'")
+    integration = _patch.Integration("openrlhf", "openrlhf", fast.SUPPORTED, broken)
+    with pytest.raises(ImportError, match=r"integrations\.openrlhf: openrlhf 0\.11\.\d+ does not import here "
+                                          r"\(No module named 'flash_attn'\).*rlhf_fast\.compat\.openrlhf"):
+        integration.enable()
+    assert not integration.is_enabled

@@ -38,11 +38,12 @@ def fusable(cfg) -> bool:
     return cfg.policy_loss == "vanilla" and cfg.loss_agg in FUSED_AGG_MODES
 
 
-def policy_head(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int
+def policy_head(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, pack: bool = False
                 ) -> tuple[PolicyHead, torch.Tensor]:
     """``(head, hidden)``: the :class:`PolicyHead` of the response tokens ``input_ids[:, prompt_len:]`` (each
-    scored from the state before it) and the decoder's whole ``[b, L, H]`` last hidden states (for a value head)."""
-    hidden = decoder_hidden(model, input_ids, attention_mask)
+    scored from the state before it) and the decoder's whole ``[b, L, H]`` last hidden states (for a value head);
+    ``pack``: the decoder runs padding-free where the model supports it."""
+    hidden = decoder_hidden(model, input_ids, attention_mask, pack)
     h, weight, bias, softcap = lm_head_inputs(model, hidden[:, prompt_len - 1:-1])
     return PolicyHead(h, input_ids[:, prompt_len:], weight, bias, softcap), hidden
 

@@ -33,6 +33,7 @@ from torch.distributed.fsdp import fully_shard
 from rlhf_fast.algos import AdvantageParams, Outputs, make_experience, ppo_objective
 from rlhf_fast.distributed.channel import WeightChannel, buffer_device, pack
 from rlhf_fast.distributed.dp import all_gather_rows, global_totals, shard_rows
+from rlhf_fast.models.packing import resolve_packing
 from rlhf_fast.models.policy_logprobs import policy_logprobs
 from rlhf_fast.models.value_model import ValueModel, base_model
 from rlhf_fast.rollout import RolloutBatch, logprob_mismatch
@@ -43,15 +44,16 @@ SHARE_KEYS = ("policy_loss", "value_loss", "entropy")   # rank shares of a minib
 
 
 class ScoredLM(nn.Module):
-    """FSDP2 root around a causal LM: ``forward(ids, attn, response_mask_full) -> logp [, entropy]`` ``[B, L]``."""
+    """FSDP2 root around a causal LM: ``forward(ids, attn, response_mask_full) -> logp [, entropy]`` ``[B, L]``;
+    ``pack``: its decoder runs padding-free (rlhf_fast.models.packing), as the single-process trainer's does."""
 
-    def __init__(self, module: nn.Module, temperature: float):
+    def __init__(self, module: nn.Module, temperature: float, pack: bool = False):
         super().__init__()
-        self.module, self.temperature = module, temperature
+        self.module, self.temperature, self.pack = module, temperature, pack
 
     def forward(self, input_ids, attention_mask, response_mask, entropy: bool = False):
         return policy_logprobs(self.module, input_ids, attention_mask, response_mask, temperature=self.temperature,
-                               return_entropy=entropy)
+                               return_entropy=entropy, pack=self.pack)
 
 
 def shard_model(root: nn.Module, layers) -> nn.Module:
@@ -133,11 +135,12 @@ class Learner:
             if critic_state is not None:
                 self.critic.load_state_dict(critic_state)
             shard_model(self.critic, self.critic.backbone.layers)
-        self.policy = shard_model(ScoredLM(hf, cfg.temperature), base_model(hf).layers)
+        pack = resolve_packing(cfg.pack_sequences, hf)
+        self.policy = shard_model(ScoredLM(hf, cfg.temperature, pack), base_model(hf).layers)
         self.ref = None
         if self.use_ref:
             ref = load().requires_grad_(False).eval()
-            self.ref = shard_model(ScoredLM(ref, cfg.temperature), base_model(ref).layers)
+            self.ref = shard_model(ScoredLM(ref, cfg.temperature, pack), base_model(ref).layers)
         self.optimizer, self.scheduler = make_optimizer(self.policy.parameters(), cfg.lr, cfg.warmup_steps)
         self.critic_optimizer = make_optimizer(self.critic.parameters(), cfg.critic_lr)[0] if self.critic else None
 

@@ -5,7 +5,8 @@ and a function returning the patches. Each :class:`Patch` replaces ``owner.name`
 registry dict) by ``new``, or adds a new registry name (``add=True``: it must not exist yet). ``enable()``:
 
 1. reads the installed version (:func:`installed_version`) and raises ``RuntimeError`` outside the tested range
-   (``ImportError`` when the peer is not installed) before touching anything;
+   (``ImportError`` when the peer is not installed, or when its modules do not import, e.g. OpenRLHF without
+   flash-attn) before touching anything;
 2. builds the patches (the integration's function checks the private names it relies on and raises when they have
    changed shape), then applies them all;
 3. for a patch on a module, also rebinds the name in every loaded module of the peer that holds the original
@@ -105,8 +106,13 @@ class Integration:
         """Check the version and apply every patch (idempotent)."""
         if self.is_enabled:
             return
-        self.check_version()
-        patches = self._patches()
+        version = self.check_version()
+        try:
+            patches = self._patches()
+        except ImportError as e:   # the peer's own dependencies (OpenRLHF's flash-attn, verl's ...) are missing
+            raise ImportError(f"rlhf_fast.integrations.{self.peer}: {self.dist} {version} does not import here "
+                              f"({e}); install what it needs, or use rlhf_fast.compat.{self.peer} functions "
+                              f"directly") from e
         for p in patches:
             exists = _get(p.owner, p.name) is not _MISSING
             if exists == p.add:

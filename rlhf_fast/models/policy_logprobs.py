@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlhf_fast._validation import check_mask, check_same_device, check_tensor
+from rlhf_fast.models.packing import packed_forward, supports_packing
 from rlhf_fast.models.value_model import base_model
 from rlhf_fast.ops.linear_logprob import linear_logprobs
 
@@ -34,11 +35,17 @@ def _decoder(model: nn.Module) -> nn.Module:
     return decoder if isinstance(decoder, nn.Module) and decoder is not model else base_model(model)
 
 
-def decoder_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The decoder's last hidden states ``[B, L, H]`` (final norm included), position ids from the attention mask."""
+def decoder_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, pack: bool = False
+                   ) -> torch.Tensor:
+    """The decoder's last hidden states ``[B, L, H]`` (final norm included), position ids from the attention mask;
+    with ``pack``, from one padding-free sequence of the real tokens where the model supports it
+    (:mod:`rlhf_fast.models.packing`; 0 at padding). No KV cache is built (a training/scoring forward)."""
+    decoder = _decoder(model)
+    if pack and supports_packing(model):
+        return packed_forward(decoder, input_ids, attention_mask)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    return _decoder(model)(input_ids=input_ids, attention_mask=attention_mask.long(),
-                           position_ids=position_ids).last_hidden_state
+    return decoder(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=position_ids,
+                   use_cache=False).last_hidden_state
 
 
 def lm_head_inputs(model: nn.Module, h: torch.Tensor):
@@ -56,7 +63,8 @@ def lm_head_inputs(model: nn.Module, h: torch.Tensor):
 
 def policy_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     response_mask: torch.Tensor, temperature: float = 1.0, return_entropy: bool = False,
-                    return_hidden: bool = False, backend: str = "auto") -> torch.Tensor | tuple[torch.Tensor, ...]:
+                    return_hidden: bool = False, backend: str = "auto", pack: bool = False
+                    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """``logp`` [B, L] fp32 aligned with ``input_ids`` (0 outside ``response_mask``), then the entropy and the
     last hidden states ``[B, L, H]`` (final norm included, the model's dtype) if asked, in that order.
 
@@ -69,6 +77,7 @@ def policy_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
         return_entropy: also return the entropy of the next-token distribution at each scored token.
         return_hidden: also return the decoder's last hidden states (differentiable).
         backend: backend of :func:`rlhf_fast.ops.linear_logprobs`.
+        pack: run the decoder padding-free where the model supports it (:func:`decoder_hidden`); same values.
     Gradients flow into the model's parameters.
     """
     check_tensor("input_ids", input_ids, ndim=2)
@@ -82,7 +91,7 @@ def policy_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     if bool((response_mask & ~attention_mask).any()):
         raise ValueError("response_mask must lie inside attention_mask")
 
-    hidden = decoder_hidden(model, input_ids, attention_mask)                         # [B, L, H]
+    hidden = decoder_hidden(model, input_ids, attention_mask, pack)                   # [B, L, H]
     scored = response_mask[:, 1:]                                                    # token t scored from h[t-1]
     h, weight, bias, softcap = lm_head_inputs(model, hidden[:, :-1][scored])        # [n, H]
     labels = input_ids[:, 1:][scored]

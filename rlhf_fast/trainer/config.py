@@ -272,6 +272,11 @@ def _estimators():
     return tuple(ADVANTAGE_ESTIMATORS)
 
 
+def _pack_choices():
+    from rlhf_fast.models.packing import PACK_CHOICES
+    return PACK_CHOICES
+
+
 def _policy_losses():
     from rlhf_fast.algos.policy_losses import POLICY_LOSSES
     return tuple(POLICY_LOSSES)
@@ -388,6 +393,9 @@ class PPOConfig(RunConfig):
     grad_accum: int = key(1, "micro-batches per minibatch", ge=1)
     group_by_length: bool = key(True, "micro-batches of rows sorted by response length, each cut to its own longest "
                                 "prompt and response (exact: every micro-batch is normalised by its minibatch)")
+    pack_sequences: str = key("auto", "run the policy's decoder padding-free (the real tokens as one sequence, same "
+                              "values): on, off, or auto (only under flash-attention, whose varlen kernels make it "
+                              "pay whatever the lengths)", choices=_pack_choices)
     clip_low: float = key(0.2, "ratio clip below: 1 - clip_low", ge=0, lt=1)
     clip_high: float = key(0.2, "ratio clip above: 1 + clip_high", ge=0)
     policy_loss: str = key("vanilla", "policy loss: vanilla (clipped PPO, token ratio) or gspo (sequence ratio)",

@@ -35,6 +35,7 @@ from rlhf_fast.algos.dynamic_sampling import fill_groups
 from rlhf_fast.algos.fused_objective import fusable, fused_policy_terms, policy_head
 from rlhf_fast.data.collators import collate_prompts, collate_sft
 from rlhf_fast.models.lora import is_lora, reference_mode
+from rlhf_fast.models.packing import resolve_packing
 from rlhf_fast.models.policy_logprobs import policy_logprobs
 from rlhf_fast.models.reward_model import RewardModel
 from rlhf_fast.models.value_model import ValueModel
@@ -127,6 +128,7 @@ class PPOTrainer(Trainer):
             # a value head trains with the policy's (possibly LoRA-frozen) backbone as the policy does
             (self.critic.head if cfg.critic == "head" else self.critic).requires_grad_(True)
         self.value_head = self.critic is not None and cfg.critic == "head"
+        self.pack = resolve_packing(cfg.pack_sequences, policy)
         self.optimizer, self.scheduler = make_optimizer(actor_params, cfg.lr, cfg.warmup_steps)
         self.critic_optimizer = None
         if self.critic is not None and not self.value_head:
@@ -186,7 +188,7 @@ class PPOTrainer(Trainer):
         logp = ent = hidden = None
         if policy or self.value_head:
             out = policy_logprobs(self.policy, ids, attn, response_mask_full, temperature=self.config.temperature,
-                                  return_entropy=entropy, return_hidden=self.value_head)
+                                  return_entropy=entropy, return_hidden=self.value_head, pack=self.pack)
             out = out if isinstance(out, tuple) else (out,)
             logp, ent, hidden = out[0][:, P:], (out[1][:, P:] if entropy else None), out[-1]
         return Outputs(logp if policy else None, ent, self._values(ids, attn, P, hidden))
@@ -203,7 +205,7 @@ class PPOTrainer(Trainer):
     def fused_forward(self, piece: Experience, totals: tuple[int, int], entropy: bool) -> tuple[Outputs, torch.Tensor]:
         """The micro-batch's forward through the fused objective: ``(outputs, L_policy - entropy_coef * H)``, the
         outputs' log-probs/entropy detached (for the stats), the term differentiable (algos.fused_objective)."""
-        head, hidden = policy_head(self.policy, piece.input_ids, piece.attention_mask, piece.prompt_len)
+        head, hidden = policy_head(self.policy, piece.input_ids, piece.attention_mask, piece.prompt_len, self.pack)
         term, logp, ent = fused_policy_terms(self.config, piece, head, totals, entropy)
         return Outputs(logp, ent, self._values(piece.input_ids, piece.attention_mask, piece.prompt_len, hidden)), term
 
@@ -234,7 +236,7 @@ class PPOTrainer(Trainer):
         if self.use_ref:
             with reference_mode(self.policy) if self.ref_model is None else contextlib.nullcontext():
                 ref = self.policy if self.ref_model is None else self.ref_model
-                ref_logp = policy_logprobs(ref, *seq[:3], temperature=cfg.temperature)[:, seq[3]:]
+                ref_logp = policy_logprobs(ref, *seq[:3], temperature=cfg.temperature, pack=self.pack)[:, seq[3]:]
         params = AdvantageParams(cfg.gamma, cfg.lam, cfg.samples_per_prompt, cfg.whiten_advantages)
         exp, stats = make_experience(batch, scores, out.logp, ref_logp, out.values, estimator=cfg.estimator,
                                      params=params, kl_coef=self.kl_ctl.value, kl_estimator=cfg.kl_estimator,
@@ -306,7 +308,7 @@ class PPOTrainer(Trainer):
                                    entropy=entropy)
             if pr is not None:
                 out = out._replace(ptx_logp=policy_logprobs(self.policy, ptx["input_ids"][pr],
-                                                            ptx["attention_mask"][pr], ptx_mask[pr]))
+                                                            ptx["attention_mask"][pr], ptx_mask[pr], pack=self.pack))
             loss, _ = ppo_objective(cfg, piece, out, totals, None if pr is None else ptx_mask[pr], ptx_totals,
                                     policy_term=term)
             self.check_finite(step, loss=loss)
