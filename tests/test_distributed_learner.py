@@ -1,4 +1,5 @@
-"""W=2 FSDP2 learner ranks (real processes, real gloo) take the same update as the single-process PPOTrainer.
+"""W=2 FSDP2 learner ranks (real processes, real gloo) take the same update as the single-process PPOTrainer,
+also with their decoders packed padding-free (``pack_sequences=on``) against the padded single process.
 
 Each case (estimator x aggregation mode) runs one PPOTrainer.make_experience + update in this process and the same
 experience through two spawned Learner ranks; the gathered parameters must agree. Response lengths vary (1..6
@@ -20,14 +21,16 @@ from rlhf_fast.trainer.ppo import PPOTrainer
 from _trainer_common import one_thread, tiny_policy, tokenizer  # noqa: F401
 
 AGGS = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-CASES = [(est, agg) for est in ("gae", "grpo") for agg in AGGS]
+# (estimator, aggregation, pack_sequences of the ranks); the single-process reference always runs padded
+CASES = [(est, agg, "off") for est in ("gae", "grpo") for agg in AGGS] + [("gae", "token-mean", "on"),
+                                                                          ("grpo", "seq-mean-token-sum-norm", "on")]
 W = 2
 
 
-def _config(estimator, agg):
+def _config(estimator, agg, pack="off"):
     return PPOConfig(estimator=estimator, loss_agg=agg, batch_size=4, samples_per_prompt=2, ppo_epochs=2,
                      minibatch_size=4, lr=1e-2, critic_lr=1e-2, kl_coef=0.1, entropy_coef=0.01, seed=3,
-                     max_grad_norm=1e9)
+                     max_grad_norm=1e9, pack_sequences=pack)
 
 
 def _batch(vocab, B=8, P=3, seed=0):
@@ -47,9 +50,10 @@ def _worker(rank, port, model_dir, batch, scores, critic_states, out_dir):
     from rlhf_fast.distributed.learner import Learner, init_learner_group
     torch.set_num_threads(1)
     init_learner_group(rank, W, port)
-    for i, (est, agg) in enumerate(CASES):
-        cfg = _config(est, agg)
+    for i, (est, agg, pack) in enumerate(CASES):
+        cfg = _config(est, agg, pack)
         learner = Learner(model_dir, cfg, critic_state=critic_states[i])
+        assert learner.policy.pack == (pack == "on")          # packed ranks vs the padded single process
         learner.make_experience(batch, scores, cfg.kl_coef)
         learner.update(step=0)
         sd = learner.full_state_dict()
@@ -64,7 +68,7 @@ def _reference(rank, batch, scores, out_dir):
     torch.set_num_threads(1)
     tok = tokenizer()
     expected, critic_states = [], []
-    for est, agg in CASES:
+    for est, agg, _ in CASES:
         policy = tiny_policy(tok, seed=1)
         trainer = PPOTrainer(_config(est, agg), policy, tok, ["x"] * 4, HFEngine(policy, tok),
                              reward_fn=lambda p, c: [0.0] * len(c))
@@ -90,7 +94,7 @@ def test_two_ranks_match_one_process():
         expected, critic_states = ref_run["expected"], ref_run["critic_states"]
         mp.start_processes(_worker, args=(free_port(), model_dir, batch, scores, critic_states, tmp), nprocs=W,
                            join=True, start_method="spawn")
-        for i, (est, agg) in enumerate(CASES):
+        for i, (est, agg, pack) in enumerate(CASES):
             got = torch.load(os.path.join(tmp, f"{i}.pt"), weights_only=True)
             moved = False
             for name, ref in expected[i].items():
@@ -99,6 +103,7 @@ def test_two_ranks_match_one_process():
                 # 1% of one lr=1e-2 Adam step: all-reduce order rounds near-zero gradients differently and Adam
                 # normalises them to O(lr) (seen: 3e-5); without the all-reduced totals the gap is 3e-2.
                 torch.testing.assert_close(got[name], ref, atol=1e-4, rtol=1e-3,
-                                           msg=lambda m, est=est, agg=agg, name=name: f"{est}/{agg}: {name}: {m}")
+                                           msg=lambda m, est=est, agg=agg, pack=pack, name=name:
+                                           f"{est}/{agg}/pack {pack}: {name}: {m}")
                 moved |= not torch.equal(ref, base.state_dict()[name])
             assert moved, f"{est}/{agg}: the update changed nothing"

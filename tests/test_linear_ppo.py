@@ -7,7 +7,7 @@ O(1) values), gradients rtol 1e-4 / atol 1e-5 relative to their scale; bf16 (log
 import pytest
 import torch
 
-from rlhf_fast.ops import linear_ppo_objective
+from rlhf_fast.ops import linear_ppo, linear_ppo_objective
 from rlhf_fast.ops.agg import aggregate
 from rlhf_fast.ops.policy_loss import policy_loss_torch
 
@@ -106,6 +106,16 @@ def test_bf16_matches_float64_unfused(backend):
     # bf16 logits (relative 2^-9, |z| <= ~4) -> logp errors ~0.01; the loss is a weighted mean of such terms
     check(ours, ref, rtol_grad=0.03, atol_loss=0.01, stat_atol=0.02)
     assert ours[2][0].dtype == torch.bfloat16 and ours[2][1].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_logits_in_vocabulary_slices(backend, dtype, monkeypatch):
+    """Logits written slice by slice (64 columns; V = 301 leaves a 45-column last slice), bias and soft cap on."""
+    monkeypatch.setattr(linear_ppo, "_LOGIT_SLICE", {"cpu": 64, "cuda": 64})
+    p = problem(3, 7, 24, 301, dtype=dtype, masked_rows=(1,), bias=True)
+    ours, ref = run_both(p, backend, chunk_size=5, softcap=2.5, entropy_coef=0.01)
+    tol = dict(rtol_grad=0.03, atol_loss=0.01, stat_atol=0.02) if dtype == torch.bfloat16 else {}
+    check(ours, ref, **tol)
 
 
 def test_awkward_shapes(backend):

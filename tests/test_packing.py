@@ -126,3 +126,43 @@ def test_packed_update_is_the_padded_one(setup, fused):
         if a is not None:
             torch.testing.assert_close(a[mask], b[mask], atol=1e-5, rtol=1e-4, msg=name)
     assert_same_update(runs[0][1], runs[1][1], atol=5e-4)
+
+
+SFT_RECORDS = [{"prompt": "3 1 2 :", "completion": "1 2 3"}, {"prompt": "9 :", "completion": "9"},
+               {"prompt": "5 4 8 7 6 2 :", "completion": "2 4 5 6 7 8"}, {"prompt": "1 1 :", "completion": "1 1"}]
+
+
+def _grads(model):
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def test_sft_and_dpo_pack_to_the_same_loss_and_gradients():
+    """``pack_sequences`` in ``rlhf-fast sft`` and ``dpo``: the packed SFT loss / DPO sequence log-probs and their
+    gradients are the padded ones (left-padded prompts, right-padded completions of several lengths)."""
+    from rlhf_fast.data.collators import collate_comparisons, collate_sft
+    from rlhf_fast.trainer.config import SFTConfig
+    from rlhf_fast.trainer.dpo import DPOTrainer, sequence_logps
+    from rlhf_fast.trainer.dpo_config import DPOConfig
+    from rlhf_fast.trainer.sft import SFTTrainer
+    from _trainer_common import tiny_policy, tokenizer
+    tok = tokenizer()
+    sft, dpo = {}, {}
+    pairs = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": SFT_RECORDS[-1 - i]["completion"]}
+             for i, r in enumerate(SFT_RECORDS)]
+    for pack in ("on", "off"):
+        model = tiny_policy(tok, seed=2, layers=2)
+        trainer = SFTTrainer(SFTConfig(pack_sequences=pack), model, tok, SFT_RECORDS)
+        assert trainer.pack == (pack == "on")
+        loss = trainer.loss(collate_sft(SFT_RECORDS, tok))
+        loss.backward()
+        sft[pack] = (loss.detach(), _grads(model))
+        model.zero_grad()
+        assert DPOTrainer(DPOConfig(pack_sequences=pack), model, tok, pairs).pack == (pack == "on")
+        logps, lengths = sequence_logps(model, collate_comparisons(pairs, tok), pack == "on")
+        logps.sum().backward()
+        dpo[pack] = (logps.detach(), _grads(model))
+    for got, want in ((sft["on"], sft["off"]), (dpo["on"], dpo["off"])):
+        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+        assert len(got[1]) == len(want[1]) > 0
+        for a, b in zip(got[1], want[1]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

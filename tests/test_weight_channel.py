@@ -1,6 +1,6 @@
 """The weight channel over real gloo in three processes, every transport (cuda_ipc where there is a GPU): pipelined buckets arrive intact (also
-to a slow engine), a wrong version is drained and raises, the channel stays usable for the next sync, and no
-shared-memory file is left behind."""
+to a slow engine; a region's buckets stay valid until the receiver ends the sync), a wrong version is drained and
+raises, the channel stays usable for the next sync, and no shared-memory file is left behind."""
 from __future__ import annotations
 
 import glob
@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from rlhf_fast.distributed.channel import WeightChannel, WeightVersionError, free_port, open_ipc_handle
+from rlhf_fast.distributed.channel import (REGION_TRANSPORTS, WeightChannel, WeightVersionError, free_port,
+                                           open_ipc_handle)
 from rlhf_fast.distributed.placement import weight_routes
 from rlhf_fast.rollout.weight_sync import plan_buckets
 
@@ -34,9 +35,11 @@ def _rank(rank: int, port: int, expect: list[int], out, transport: str) -> None:
             got = []
             for b in ch.receive(expect[version]):
                 time.sleep(0.05 * (rank == 1))    # a slow engine: the sender must not overwrite what it reads
-                got += [(n, t.clone()) for n, t in b]
+                got += [(n, t if transport in REGION_TRANSPORTS else t.clone()) for n, t in b]
+            time.sleep(0.05)     # a region's views stay valid until flush: the sender does not write it before
             out.put((rank, version, len(buckets), all(torch.equal(a.cpu(), b) and n == m for (n, a), (m, b)
                                                       in zip(got, _weights(version))) and len(got) == 10))
+            ch.flush()
         except WeightVersionError as e:
             out.put((rank, version, len(buckets), str(e)))
     ch.close()

@@ -87,6 +87,38 @@ def test_partial_parameter_change_syncs():
 
 @needs_vllm
 @pytest.mark.vllm
+def test_load_buckets_reads_a_whole_sync_in_one_reload_call(monkeypatch):
+    """``load_buckets`` of a resident sync (the engine actor's load from a shared region) into an in-process worker:
+    one reload call reads every bucket (one layer each) from a generator; the engine then matches the learner."""
+    from rlhf_fast.rollout import vllm_compat
+    engine, model = shared_engine(), shared_model()
+    sgd_step(model, lr=0.5, seed=7)
+    stale = engine.generate(prompts(), max_new_tokens=12, temperature=0)
+    assert logprob_mismatch(stale.rollout_logprobs, learner_logprobs(model, stale),
+                            stale.response_mask)["abs_diff_max"] > 1e-2
+    buckets = plan_buckets(engine_weights(model, engine.dtype), 1)
+    read, calls = [], []
+    rpc = vllm_compat.collective_rpc
+
+    def counted_rpc(llm, method, **kw):
+        calls.append(method)
+        return rpc(llm, method, **kw)
+    monkeypatch.setattr(vllm_compat, "collective_rpc", counted_rpc)
+
+    def lazily():
+        for i, bucket in enumerate(buckets):
+            read.append(i)
+            yield bucket
+    engine.load_buckets(lazily(), resident=True)
+    engine.finish_sync()
+    assert calls == ["rlhf_fast_update_weights", "rlhf_fast_finish_sync"] and read == list(range(len(buckets)))
+    b = engine.generate(prompts(), max_new_tokens=12, temperature=0)
+    m = logprob_mismatch(b.rollout_logprobs, learner_logprobs(model, b), b.response_mask)
+    assert len(buckets) > 2 and m["abs_diff_max"] <= 1e-3, m  # bound: see test_rollout.py
+
+
+@needs_vllm
+@pytest.mark.vllm
 def test_rss_stable_over_20_syncs():
     """A leak of one model copy per sync would add 20 x 1.4 MB; allow 8 MB of allocator noise."""
     engine, model = shared_engine(), shared_model()

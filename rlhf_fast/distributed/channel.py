@@ -15,16 +15,17 @@ One sync of version v (buckets from ``rollout.weight_sync.plan_buckets``: whole 
 Pipelined, double-buffered: each end keeps two flat buffers of the largest bucket's size (allocated once, reused
 by later syncs: no page faults per sync). The sender fills buffer i % 2 while bucket i - 1 is still on the wire;
 a receiver posts the broadcast of bucket i + 1 (gloo runs it on its own thread) before it hands bucket i to the
-engine, so transfer and the engine's reload overlap. Bucket i + 2 reuses bucket i's buffer only after the engine
-has returned from loading it (the generator resumes).
+engine, so transfer and the engine's reload overlap. Bucket i + 2 reuses bucket i's buffer as soon as the engine
+asks for bucket i + 1 (the generator resumes): the engine must be done with bucket i by then.
 
 Same-machine transport ``transport="shm"`` (CPU, every end on one node; the analogue of CUDA IPC): rank 0 packs
 the buckets one after another into one flat region of shared memory (a file in /dev/shm, mapped by every end,
 kept across syncs while the model fits) and broadcasts only a one-element signal per bucket; the receivers'
-engines load straight from their mapping while rank 0 packs the next bucket, and a barrier ends the sync (rank 0
-writes the region again only after every engine has loaded it). The file is unlinked once every end has mapped
-it, so a killed process leaks nothing. Bytes moved per sync: one write of the model, one read per engine
-(``broadcast`` sends the model over loopback TCP to each engine, then each engine reads its copy).
+engines load straight from their mapping while rank 0 packs the next bucket, and a barrier ends the sync: each
+receiver enters it with :meth:`WeightChannel.flush` once its engine is done reading the region (every bucket of
+the sync stays valid until then), and rank 0 writes the region again only after it. The file is unlinked once
+every end has mapped it, so a killed process leaks nothing. Bytes moved per sync: one write of the model, one
+read per engine (``broadcast`` sends the model over loopback TCP to each engine, then each engine reads its copy).
 
 Colocated GPU transport ``transport="cuda_ipc"`` (an engine on its learner rank's GPU): the same protocol with
 the region in the sender's device memory, opened by the receivers through a CUDA IPC handle (torch's own
@@ -32,8 +33,9 @@ the region in the sender's device memory, opened by the receivers through a CUDA
 NCCL (two ranks of one NCCL group may not share a device). The signals and the barrier go over gloo; the sender
 synchronises its stream before each signal, a receiver its device before the barrier.
 
-A receiver that expects version e != v still drains every bucket (the group stays consistent for the next sync)
-and then raises :class:`WeightVersionError`: a stale or skipped sync is an error, never a silent stale policy.
+A receiver that expects version e != v still drains every bucket and ends the sync (the group stays consistent
+for the next sync), then raises :class:`WeightVersionError`: a stale or skipped sync is an error, never a silent
+stale policy.
 """
 from __future__ import annotations
 
@@ -163,7 +165,7 @@ class WeightChannel:
         self._region_name: str | None = None       # the name the region was created / mapped under
         self._ipc: str | None = None               # cuda_ipc sender: the region's IPC handle
         self._offset = 0                           # sender: where the next bucket goes
-        self._open_sync = False                    # sender: a sync whose closing barrier is still due
+        self._open_sync = False                    # region transports: a sync whose barrier is still due
 
     def _broadcast(self, t: torch.Tensor) -> torch.Tensor:
         self.group.broadcast(t, 0).wait()
@@ -184,7 +186,8 @@ class WeightChannel:
         return slot, self._buffers[slot][:numel]
 
     def flush(self) -> None:
-        """Wait for every broadcast still in flight (region transports: the barrier that ends an open sync)."""
+        """Wait for every broadcast still in flight (region transports: the barrier that ends an open sync; a
+        receiver calls it once its engine is done reading the sync's buckets)."""
         for slot, work in enumerate(self._in_flight):
             if work is not None:
                 work.wait()
@@ -225,17 +228,18 @@ class WeightChannel:
         return {**region, "ipc": self._ipc} if self.transport == "cuda_ipc" else region
 
     def _region_flats(self, region: dict, numels: list[int], dtype: torch.dtype) -> Iterator[torch.Tensor]:
-        """Receiver: each bucket's flat view of the mapped region once rank 0 signals it, then the barrier."""
+        """Receiver: each bucket's flat view of the mapped region once rank 0 signals it; the sync stays open (its
+        views valid) until :meth:`flush`."""
         if self._region is None or self._region_name != region["path"]:
             self._region = (open_ipc_handle(region["ipc"]) if "ipc" in region else
                             torch.from_file(region["path"], shared=True, size=region["numel"], dtype=dtype))
             self._region_name = region["path"]
+        self._open_sync = True
         offset = 0
         for n in numels:
             self._signal()
             yield self._region[offset:offset + n]
             offset += n
-        self._end_region_sync()
 
     def _broadcast_flats(self, numels: list[int], dtype: torch.dtype) -> Iterator[torch.Tensor]:
         """Receiver: each bucket's flat buffer, bucket i + 1 posted before bucket i is handed out."""
@@ -291,7 +295,9 @@ class WeightChannel:
 
     # -- receivers (rank >= 1) -------------------------------------------------------------------
     def receive(self, expected_version: int) -> Iterator[NamedTensors]:
-        """Yield the buckets of the next sync; raises WeightVersionError after draining a wrong version."""
+        """Yield the buckets of the next sync (:meth:`flush` ends it); raises WeightVersionError after draining a
+        wrong version and ending its sync. A sync left open ends here, before the next one."""
+        self.flush()
         header = self._broadcast(torch.zeros(2, dtype=torch.int64, device=self.device)).tolist()
         version, n = int(header[0]), int(header[1])
         meta = json.loads(self.store.get(f"plan/{version}"))
@@ -300,11 +306,12 @@ class WeightChannel:
         numels, dtype = _numels(buckets), _dtype(meta["dtype"])
         flats = (self._region_flats(meta["region"], numels, dtype) if "region" in meta else
                  self._broadcast_flats(numels, dtype))
-        for i, flat in enumerate(flats):        # not zip: the generator's closing barrier must run
+        for i, flat in enumerate(flats):
             if ok:
                 sizes = [torch.Size(shape).numel() for _, shape in buckets[i]]
                 yield [(name, part.view(shape)) for (name, shape), part in zip(buckets[i], flat.split(sizes))]
         if not ok:
+            self.flush()
             raise WeightVersionError(f"weight sync carried version {version}, this engine expected "
                                      f"{expected_version}: a sync was skipped or replayed")
 

@@ -177,4 +177,6 @@ def start_engine(engine_args: dict, cpus: float = 1.0, gpus: float = 0.0, loopba
     from rlhf_fast.distributed.engine import EngineWorker
     env = {**ENGINE_ENV, **(LOOPBACK_ENV if loopback else {})}
     tp = engine_args.get("tp", 1)
-    return ray.remote(EngineWorker).options(**_options(cpus * tp, gpus * tp, pg, bundle, env)).remote(**engine_args)
+    threads = max(1, int(cpus)) if tp == 1 and not gpus else None    # its CPU share loads a sync (tp > 1: workers)
+    return ray.remote(EngineWorker).options(**_options(cpus * tp, gpus * tp, pg, bundle, env)).remote(
+        **engine_args, sync_threads=threads)

@@ -68,6 +68,14 @@ def tensor_parallel_size(llm) -> int:
     return llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size
 
 
+def worker_in_process(llm) -> bool:
+    """Whether ``llm`` runs its one worker in this process (engine core in-process, ``UniProcExecutor``): then
+    ``collective_rpc`` calls the worker method directly, with its arguments as given (not pickled)."""
+    from vllm.v1.executor.uniproc_executor import UniProcExecutor
+    core = getattr(llm.llm_engine.engine_core, "engine_core", None)    # InprocClient's EngineCore
+    return isinstance(getattr(core, "model_executor", None), UniProcExecutor)
+
+
 def sampling_params(*, n: int, temperature: float, top_p: float, top_k: int | None, max_tokens: int,
                     stop_token_ids: list[int], seed: int | None):
     """One request's SamplingParams; ``logprobs=0`` returns the sampled token's log-prob only."""
@@ -166,7 +174,8 @@ def shutdown(llm) -> None:
 # -- inside the worker (called from rlhf_fast.rollout.worker_extension) ------------------------------
 
 def reload_weights(model_runner, named_tensors) -> None:
-    """vLLM's in-place reload of checkpoint-format tensors (re-runs each layer's post-load processing)."""
+    """vLLM's in-place reload of checkpoint-format tensors (re-runs each layer's post-load processing as soon as
+    the layer's last tensor is loaded; the tensors are read one by one, so an iterator may produce them lazily)."""
     model_runner.reload_weights(weights_iterator=iter(named_tensors))
 
 

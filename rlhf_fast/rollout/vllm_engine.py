@@ -24,11 +24,13 @@ A dead engine (multiprocess mode, engine process gone) raises RuntimeError; RPCs
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
 import shutil
 import tempfile
+from typing import Iterable
 
 import torch
 
@@ -37,7 +39,7 @@ from rlhf_fast.rollout import vllm_compat as compat
 from rlhf_fast.rollout.base import RolloutEngine, Sample, SamplingConfig
 from rlhf_fast.rollout.vllm_transfer import make_trainer_transfer
 from rlhf_fast.rollout.vllm_watchdog import dead_engine_watchdog, engine_alive
-from rlhf_fast.rollout.weight_sync import SyncStats, engine_weights, plan_buckets, push_buckets
+from rlhf_fast.rollout.weight_sync import NamedTensors, SyncStats, engine_weights, plan_buckets, push_buckets
 
 _TRANSFERS = ("reload", "ipc", "nccl")
 
@@ -188,6 +190,24 @@ class VLLMEngine(RolloutEngine):
     def send_bucket(self, bucket) -> None:
         """One ``reload_weights`` call in the worker for ``bucket`` (whole layers, HF names)."""
         compat.collective_rpc(self.llm, "rlhf_fast_update_weights", args=(bucket,), timeout=self.rpc_timeout_s)
+
+    def load_buckets(self, buckets: Iterable[NamedTensors], resident: bool = False) -> None:
+        """Load a sync's buckets (whole layers each) as they arrive; :meth:`finish_sync` ends the sync.
+
+        ``resident``: every bucket's memory stays valid until this call returns (a shared region's sync). Then an
+        in-process worker (``compat.worker_in_process``: tp 1, engine core in this process) takes them in one
+        ``reload_weights`` call that reads ``buckets`` lazily: vLLM re-processes each layer as soon as its last
+        tensor is loaded, so loading still overlaps the buckets' arrival, and vLLM's per-call walk over every
+        module of the model (its reload set-up and finalisation) runs once per sync instead of once per bucket.
+        Otherwise one call per bucket: vLLM may keep a layer's tensors until the end of its call (a layer it does
+        not fill, e.g. a padded vocabulary, is processed last), so reused buffers must not span calls, and worker
+        processes (tensor-parallel) get pickled arguments. A one-call reload cut short (its sender died) leaves
+        the engine unusable; the distributed driver then stops every actor."""
+        if resident and compat.worker_in_process(self.llm):
+            self.send_bucket(itertools.chain.from_iterable(buckets))
+        else:
+            for bucket in buckets:
+                self.send_bucket(bucket)
 
     # -- colocated GPU memory ---------------------------------------------------------------------
     def sleep(self, level: int = 1) -> None:

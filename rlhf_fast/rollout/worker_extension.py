@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Iterable
 
 import torch
 
@@ -29,10 +30,10 @@ logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter
 
 
 class WorkerExtension:
-    def rlhf_fast_update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
-        """Load one bucket of checkpoint-format (HF-named) tensors; returns the number loaded."""
+    def rlhf_fast_update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load checkpoint-format (HF-named) tensors of whole layers: one bucket, or (an in-process worker) an
+        iterator over a whole sync's buckets that waits for each one as it is read."""
         compat.reload_weights(self.model_runner, named_tensors)
-        return len(named_tensors)
 
     def rlhf_fast_finish_sync(self) -> list[str]:
         """After the last bucket: re-pack modules that share a weight (tied lm_head; see

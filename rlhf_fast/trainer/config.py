@@ -338,6 +338,13 @@ def lora_key():
     return key(help="LoRA adapter (--lora-rank R --lora-alpha A --lora-targets ...)", default_factory=LoraSection)
 
 
+def pack_key():
+    """The ``pack_sequences`` field of a trainer whose policy scores token log-probs (sft, dpo, ppo)."""
+    return key("auto", "run the policy's decoder padding-free (the real tokens as one sequence, same values): on, "
+               "off, or auto (only under flash-attention, whose varlen kernels make it pay whatever the lengths)",
+               choices=_pack_choices)
+
+
 def columns_key():
     """The ``columns`` field of a trainer config (``--prompt-column ... --split ...``)."""
     return key(help="data column mapping (--prompt-column ...)", default_factory=DataColumns)
@@ -350,6 +357,7 @@ class SFTConfig(RunConfig):
     data: str = key("", "{\"prompt\", \"completion\"} examples: JSONL, a saved HF dataset directory or parquet")
     epochs: int = key(1, "passes over the data", ge=1)
     max_steps: int = key(0, "stop after N steps (0: epochs x batches)", ge=0)
+    pack_sequences: str = pack_key()
     lora: LoraSection = lora_key()
     columns: DataColumns = columns_key()
 
@@ -393,9 +401,7 @@ class PPOConfig(RunConfig):
     grad_accum: int = key(1, "micro-batches per minibatch", ge=1)
     group_by_length: bool = key(True, "micro-batches of rows sorted by response length, each cut to its own longest "
                                 "prompt and response (exact: every micro-batch is normalised by its minibatch)")
-    pack_sequences: str = key("auto", "run the policy's decoder padding-free (the real tokens as one sequence, same "
-                              "values): on, off, or auto (only under flash-attention, whose varlen kernels make it "
-                              "pay whatever the lengths)", choices=_pack_choices)
+    pack_sequences: str = pack_key()
     clip_low: float = key(0.2, "ratio clip below: 1 - clip_low", ge=0, lt=1)
     clip_high: float = key(0.2, "ratio clip above: 1 + clip_high", ge=0)
     policy_loss: str = key("vanilla", "policy loss: vanilla (clipped PPO, token ratio) or gspo (sequence ratio)",

@@ -26,6 +26,7 @@ import torch
 
 from rlhf_fast.data.collators import as_best_of_k, collate_comparisons
 from rlhf_fast.models.lora import reference_mode
+from rlhf_fast.models.packing import resolve_packing
 from rlhf_fast.models.policy_logprobs import policy_logprobs
 from rlhf_fast.ops.preference import needs_reference, preference_loss
 from rlhf_fast.trainer.base import Trainer, batch_indices, make_optimizer
@@ -49,9 +50,10 @@ def preference_pairs(records: list[dict]) -> list[dict]:
     return pairs
 
 
-def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sum of completion-token log-probs [S], completion lengths [S])`` for a packed batch."""
-    logp = policy_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+def sequence_logps(model, batch: dict, pack: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum of completion-token log-probs [S], completion lengths [S])`` for a batch of chosen and rejected rows;
+    ``pack``: the decoder runs padding-free (:mod:`rlhf_fast.models.packing`)."""
+    logp = policy_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"], pack=pack)
     return logp.sum(-1), batch["response_mask"].sum(-1)
 
 
@@ -65,6 +67,7 @@ class DPOTrainer(Trainer):
         if not self.pairs:
             raise ValueError("DPOTrainer needs at least one comparison record")
         self.model, self.tokenizer, self.ref_model = model, tokenizer, ref_model
+        self.pack = resolve_packing(config.pack_sequences, model)
         self.optimizer, self.scheduler = make_optimizer(model.parameters(), config.lr, config.warmup_steps)
         self.ref_logps: torch.Tensor | None = None        # [N, 2] (chosen, rejected), filled before step 1
 
@@ -98,7 +101,8 @@ class DPOTrainer(Trainer):
         out = []
         with reference_mode(ref):
             for chunk in self._micro_batches(list(range(len(self.pairs)))):
-                logps, _ = sequence_logps(ref, collate_comparisons([self.pairs[i] for i in chunk], self.tokenizer))
+                logps, _ = sequence_logps(ref, collate_comparisons([self.pairs[i] for i in chunk], self.tokenizer),
+                                          self.pack)
                 out.append(logps.view(-1, 2))
         ref.train(was_training)
         return torch.cat(out).float()
@@ -115,7 +119,7 @@ class DPOTrainer(Trainer):
         totals: dict[str, float] = {}
         for chunk in self._micro_batches(idx):
             batch = collate_comparisons([self.pairs[i] for i in chunk], self.tokenizer)
-            logps, lengths = sequence_logps(self.model, batch)
+            logps, lengths = sequence_logps(self.model, batch, self.pack)
             ref_c, ref_r = self.ref_logps[chunk].unbind(1) if use_ref else (None, None)
             loss, stats = preference_loss(logps[0::2], logps[1::2], ref_c, ref_r, lengths[0::2], lengths[1::2],
                                           loss_type=cfg.loss_type, beta=cfg.beta,

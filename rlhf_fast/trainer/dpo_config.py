@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from rlhf_fast.trainer.config import (ConfigError, DataColumns, LoraSection, RunConfig, columns_key, key,
-                                     lora_key)
+                                     lora_key, pack_key)
 
 __all__ = ["DPOConfig", "DataColumns", "LoraSection"]
 
@@ -31,6 +31,7 @@ class DPOConfig(RunConfig):
     beta: float = key(0.1, "temperature beta (IPO: tau)", gt=0)
     label_smoothing: float = key(0.0, "cDPO label smoothing (sigmoid, simpo)", ge=0, lt=0.5)
     simpo_gamma: float = key(0.5, "SimPO target margin gamma", ge=0)
+    pack_sequences: str = pack_key()
     lora: LoraSection = lora_key()
     columns: DataColumns = columns_key()
 

@@ -12,6 +12,7 @@ import math
 import torch
 
 from rlhf_fast.data.collators import collate_sft
+from rlhf_fast.models.packing import resolve_packing
 from rlhf_fast.models.policy_logprobs import policy_logprobs
 from rlhf_fast.ops import masked_mean
 from rlhf_fast.trainer.base import Trainer, batch_indices, make_optimizer
@@ -27,6 +28,7 @@ class SFTTrainer(Trainer):
         if not records:
             raise ValueError("SFTTrainer needs at least one {'prompt', 'completion'} record")
         self.model, self.tokenizer, self.records = model, tokenizer, records
+        self.pack = resolve_packing(config.pack_sequences, model)
         self.optimizer, self.scheduler = make_optimizer(model.parameters(), config.lr, config.warmup_steps)
 
     @property
@@ -44,7 +46,8 @@ class SFTTrainer(Trainer):
         self.scheduler.load_state_dict(state["scheduler"])
 
     def loss(self, batch: dict) -> torch.Tensor:
-        logp = policy_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+        logp = policy_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
+                               pack=self.pack)
         return -masked_mean(logp, batch["response_mask"])
 
     def train_step(self, step: int) -> dict:
