@@ -17,7 +17,7 @@ from rlhf_fast.checks import (InputError, check_data_source, check_model_dir, ch
 from rlhf_fast.data.collators import encode_prompt
 from rlhf_fast.data.sources import KINDS, read_source
 from rlhf_fast.data.overlong import fit_to_context
-from rlhf_fast.models.packing import PACKABLE_MODEL_TYPES
+from rlhf_fast.models.packing import packing_problem
 
 
 @dataclasses.dataclass
@@ -50,9 +50,9 @@ def _policy(cfg, data: dict[str, str]):
     for arg in data:
         check_data_source(arg, getattr(cfg, arg))
     config = check_model_dir("model", cfg.model)
-    if getattr(cfg, "pack_sequences", "off") == "on" and config.model_type not in PACKABLE_MODEL_TYPES:
-        raise InputError(f"--pack-sequences on: model type {config.model_type!r} has no exact packed form "
-                         f"(supported: {', '.join(sorted(PACKABLE_MODEL_TYPES))}); use auto or off")
+    problem = packing_problem(config.model_type) if getattr(cfg, "pack_sequences", "off") == "on" else None
+    if problem:
+        raise InputError(f"--pack-sequences on: {problem}; use auto or off")
     tok = load_tokenizer("model", cfg.model, config)
     return tok, config, {arg: read_data(cfg, arg, kind, tok) for arg, kind in data.items()}
 

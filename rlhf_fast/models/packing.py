@@ -21,21 +21,38 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["PACKABLE_MODEL_TYPES", "PACKING_ATTENTION", "PACK_CHOICES", "supports_packing", "resolve_packing",
-           "packed_forward"]
+__all__ = ["PACKABLE_MODEL_TYPES", "PACKING_ATTENTION", "PACK_CHOICES", "mask_positions", "packing_problem",
+           "supports_packing", "resolve_packing", "packed_forward"]
 
 PACKABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gpt2"})
 PACKING_ATTENTION = frozenset({"sdpa", "eager", "flash_attention_2", "flash_attention_3"})
 PACK_CHOICES = ("auto", "on", "off")
 
 
+def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids ``[B, L]`` counting each row's real tokens from 0 (``cumsum(m) - 1``, 0 at left padding): what
+    the padded and the packed forwards both use, so a left-padded row scores like an unpadded one."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def _attention(model: nn.Module) -> str:
     return str(getattr(model.config, "_attn_implementation", None) or "eager")
 
 
+def packing_problem(model_type: str, attention: str = "sdpa") -> str | None:
+    """Why a model family / attention implementation has no exact packed form, or None (the one rule the trainers
+    and the CLI's pre-start check read; a config.json read before loading has no attention yet: the default)."""
+    if model_type not in PACKABLE_MODEL_TYPES:
+        return (f"model type {model_type!r} has no exact packed form (supported: "
+                f"{', '.join(sorted(PACKABLE_MODEL_TYPES))})")
+    if attention not in PACKING_ATTENTION:
+        return f"attention {attention!r} has no packed form (supported: {', '.join(sorted(PACKING_ATTENTION))})"
+    return None
+
+
 def supports_packing(model: nn.Module) -> bool:
     """The model's family and attention implementation take the packed form exactly."""
-    return model.config.model_type in PACKABLE_MODEL_TYPES and _attention(model) in PACKING_ATTENTION
+    return packing_problem(model.config.model_type, _attention(model)) is None
 
 
 def resolve_packing(choice: str, model: nn.Module) -> bool:
@@ -43,19 +60,18 @@ def resolve_packing(choice: str, model: nn.Module) -> bool:
     pack where it saves work whatever the lengths, i.e. under flash-attention's varlen kernels."""
     if choice not in PACK_CHOICES:
         raise ValueError(f"pack_sequences must be one of {PACK_CHOICES}, got {choice!r}")
-    if choice == "on" and not supports_packing(model):
-        raise ValueError(f"pack_sequences=on: model type {model.config.model_type!r} with attention "
-                         f"{_attention(model)!r} has no exact packed form (supported: "
-                         f"{', '.join(sorted(PACKABLE_MODEL_TYPES))} under {', '.join(sorted(PACKING_ATTENTION))})")
+    problem = packing_problem(model.config.model_type, _attention(model))
+    if choice == "on" and problem:
+        raise ValueError(f"pack_sequences=on: {problem}")
     if choice == "auto":
-        return supports_packing(model) and _attention(model).startswith("flash_attention")
+        return problem is None and _attention(model).startswith("flash_attention")
     return choice == "on"
 
 
 def packed_forward(decoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """``decoder``'s last hidden states ``[B, L, H]`` from one packed sequence of the real tokens (0 at padding)."""
     real = attention_mask.bool()
-    position_ids = attention_mask.long().cumsum(-1) - 1
+    position_ids = mask_positions(attention_mask)
     hidden = decoder(input_ids=input_ids[real][None], position_ids=position_ids[real][None],
                      use_cache=False).last_hidden_state[0]                                    # [n, H]
     return hidden.new_zeros(*input_ids.shape, hidden.shape[-1]).index_put((real,), hidden)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlhf_fast._validation import check_mask, check_same_device, check_tensor
-from rlhf_fast.models.packing import packed_forward, supports_packing
+from rlhf_fast.models.packing import mask_positions, packed_forward, supports_packing
 from rlhf_fast.models.value_model import base_model
 from rlhf_fast.ops.linear_logprob import linear_logprobs
 
@@ -43,9 +43,8 @@ def decoder_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     decoder = _decoder(model)
     if pack and supports_packing(model):
         return packed_forward(decoder, input_ids, attention_mask)
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    return decoder(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=position_ids,
-                   use_cache=False).last_hidden_state
+    return decoder(input_ids=input_ids, attention_mask=attention_mask.long(),
+                   position_ids=mask_positions(attention_mask), use_cache=False).last_hidden_state
 
 
 def lm_head_inputs(model: nn.Module, h: torch.Tensor):

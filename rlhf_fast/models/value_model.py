@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rlhf_fast.models.packing import mask_positions
+
 
 def base_model(model: nn.Module) -> nn.Module:
     """The decoder stack of a HF causal LM (``model.model`` for Llama-style models; through a peft wrapper), or
@@ -33,9 +35,8 @@ class ScalarHeadModel(nn.Module):
         return self.backbone.config
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        mask = attention_mask.long()
-        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: positions count real tokens
-        hidden = self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask.long(),
+                               position_ids=mask_positions(attention_mask)).last_hidden_state
         return self.from_hidden(hidden)
 
     def from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
