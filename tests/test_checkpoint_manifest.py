@@ -13,7 +13,7 @@ from rlhf_fast.cli import main as cli_main
 from rlhf_fast.data import SortTask, write_jsonl
 from rlhf_fast.models import save_model
 from rlhf_fast.trainer.checkpoint import (MANIFEST, CheckpointError, list_checkpoints, newest_complete_checkpoint,
-                                          verify_checkpoint)
+                                          verify_checkpoint, write_json_atomic)
 from rlhf_fast.trainer.config import SFTConfig
 from rlhf_fast.trainer.sft import SFTTrainer
 
@@ -117,3 +117,16 @@ def test_cli_resume_after_truncated_weights(finished, tmp_path, capfd):
     assert cli_main(argv) == 2                              # nothing complete left: one line, exit 2
     lines = capfd.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --resume: no complete checkpoint in ")
+
+
+def test_json_written_all_or_nothing(tmp_path):
+    """``write_json_atomic`` (manifests, the distributed driver's ``driver.json``, which marks its checkpoint
+    complete): a write that dies midway leaves the old file, or none, never a truncated one a resume would read."""
+    target = tmp_path / "driver.json"
+    with pytest.raises(TypeError):
+        write_json_atomic(str(target), {"step": 2, "bad": object()})       # dies after writing part of the JSON
+    assert not target.exists()
+    write_json_atomic(str(target), {"step": 2})
+    with pytest.raises(TypeError):
+        write_json_atomic(str(target), {"step": 4, "bad": object()})
+    assert json.loads(target.read_text()) == {"step": 2}

@@ -46,6 +46,7 @@ from rlhf_fast.distributed import placement
 from rlhf_fast.rollout import RolloutBatch
 from rlhf_fast.rollout.base import Sample, collate
 from rlhf_fast.trainer.base import batch_indices, step_seed
+from rlhf_fast.trainer.checkpoint import write_json_atomic
 from rlhf_fast.trainer.kl_controller import make_kl_controller
 
 ScoreFn = Callable[[list[str], list[str]], Sequence[float]]
@@ -304,11 +305,12 @@ class DistributedPPO:
         return os.path.join(self.cfg.out_dir, "checkpoints", f"step_{step:06d}")
 
     def save(self, step: int) -> str:
-        """Every learner writes its shards (torch.distributed.checkpoint); the driver its own state, last."""
+        """Every learner writes its shards (torch.distributed.checkpoint); the driver its own state, last and
+        atomically (``driver.json`` marks the checkpoint complete: a driver killed mid-write leaves none)."""
         path = self._ckpt(step)
         self._all("save", path)
-        with open(os.path.join(path, "driver.json"), "w") as f:
-            json.dump({"step": step, "version": self.version, "kl_controller": self.kl_ctl.state_dict()}, f)
+        write_json_atomic(os.path.join(path, "driver.json"),
+                          {"step": step, "version": self.version, "kl_controller": self.kl_ctl.state_dict()})
         return path
 
     def latest_checkpoint(self) -> str | None:

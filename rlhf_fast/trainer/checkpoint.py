@@ -82,17 +82,24 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
+def write_json_atomic(path: str, obj) -> None:
+    """``obj`` as JSON at ``path``, all or nothing: a hidden temporary file, fsynced, renamed into place, then the
+    directory fsynced (a process killed mid-write leaves no file, never a truncated one)."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync(folder)
+
+
 def write_manifest(path: str, step: int) -> None:
     """Size and sha256 of every file of the checkpoint directory ``path``, into ``manifest.json`` (atomic)."""
     files = {f: {"size": os.path.getsize(os.path.join(path, f)), "sha256": _sha256(os.path.join(path, f))}
              for f in sorted(os.listdir(path)) if f != MANIFEST and not f.startswith(".")}
-    tmp = os.path.join(path, f".{MANIFEST}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"format": FORMAT, "step": step, "files": files}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(path, MANIFEST))
-    _fsync(path)
+    write_json_atomic(os.path.join(path, MANIFEST), {"format": FORMAT, "step": step, "files": files})
 
 
 def verify_checkpoint(path: str | os.PathLike) -> str | None:
